@@ -1,0 +1,162 @@
+"""Dense attention kernels that return the log-sum-exp and accept it back in the backward.
+
+Dilated attention (and its sequence-parallel form) runs many dense attentions whose outputs are
+merged by their log-sum-exps. The exact backward of the merged result runs each attention's
+backward with the MERGED output and log-sum-exp (the identity behind flash, blockwise and ring
+attention), so every kernel here exposes forward -> (out, lse) and
+backward(grad_out, q, k, v, out, lse) -> (dq, dk, dv) with out and lse supplied by the caller.
+
+Notation: b batch, h heads, n query positions, s key positions, d head_dim.
+Layout of every tensor: (b, h, n, d) for queries, (b, h, s, d) for keys and values, (b, h, n) for
+the log-sum-exp, which is natural-log, of the SCALED scores, in float32 (float64 for float64).
+`causal` is torch's convention: query i sees keys j <= i (top-left aligned).
+
+Backends:
+- "fused": torch's fused kernels. CPU: the flash kernel for CPU. CUDA: flash attention when torch
+  says it can run the shapes (fp16/bf16), else the memory-efficient kernel.
+- "math": plain matmuls and softmax on any device and dtype; quadratic memory per call, the
+  fallback and the thing tests compare the fused path against.
+- "auto": "fused" where it can run, else "math".
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("auto", "fused", "math")
+
+_aten = torch.ops.aten
+# The memory-efficient CUDA kernel pads its log-sum-exp along the query axis to this multiple.
+_EFFICIENT_LSE_ALIGNMENT = 32
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of log-sum-exps and merged outputs: float32, or float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _cuda_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> str | None:
+    params = torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, causal, False)
+    if torch.backends.cuda.can_use_flash_attention(params):
+        return "flash"
+    if torch.backends.cuda.can_use_efficient_attention(params):
+        return "efficient"
+    return None
+
+
+def resolve_backend(
+    backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
+) -> str:
+    """The kernel that runs: "cpu_flash", "flash", "efficient" or "math"."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "math":
+        return "math"
+    if q.device.type == "cpu":
+        fused = "cpu_flash"
+    elif q.device.type == "cuda":
+        fused = _cuda_kernel(q, k, v, causal)
+    else:
+        fused = None
+    if fused is None:
+        if backend == "fused":
+            raise ValueError(
+                f"backend='fused': no fused attention kernel for device {q.device}, dtype "
+                f"{q.dtype}, head_dim {q.shape[-1]}; use backend='auto' or 'math'"
+            )
+        return "math"
+    return fused
+
+
+def _math_scores(q, k, causal, scale):
+    dtype = accumulation_dtype(q.dtype)
+    scores = torch.matmul(q.to(dtype), k.to(dtype).transpose(-1, -2)) * scale  # (b, h, n, s)
+    if causal:
+        n, s = scores.shape[-2:]
+        future = torch.ones(n, s, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(future, -math.inf)
+    return scores
+
+
+def attention_forward(q, k, v, *, causal: bool, scale: float, kernel: str):
+    """(out in q's dtype, lse in accumulation dtype) for one dense attention."""
+    if kernel == "cpu_flash":
+        out, lse = _aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, causal, scale=scale
+        )
+        return out, lse
+    if kernel == "flash":
+        out, lse, *_ = _aten._scaled_dot_product_flash_attention(
+            q, k, v, 0.0, causal, False, scale=scale
+        )
+        return out, lse
+    if kernel == "efficient":
+        out, lse, *_ = _aten._scaled_dot_product_efficient_attention(
+            q, k, v, None, True, 0.0, causal, scale=scale
+        )
+        return out, lse[..., : q.shape[-2]]
+    scores = _math_scores(q, k, causal, scale)
+    lse = torch.logsumexp(scores, dim=-1)  # (b, h, n)
+    out = torch.matmul(torch.exp(scores - lse.unsqueeze(-1)), v.to(scores.dtype))
+    return out.to(q.dtype), lse
+
+
+def attention_backward(grad_out, q, k, v, out, lse, *, causal: bool, scale: float, kernel: str):
+    """(dq, dk, dv) of one dense attention, with the softmax taken from the given out and lse."""
+    if kernel == "cpu_flash":
+        return _aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out, q, k, v, out, lse, 0.0, causal, scale=scale
+        )
+    if kernel == "flash":
+        # Without dropout the random state is unused; dense (not varlen) calls have no cum_seq.
+        no_rng = torch.empty((), dtype=torch.long, device=q.device)
+        return _aten._scaled_dot_product_flash_attention_backward(
+            grad_out,
+            q,
+            k,
+            v,
+            out,
+            lse,
+            None,
+            None,
+            q.shape[-2],
+            k.shape[-2],
+            0.0,
+            causal,
+            no_rng,
+            no_rng,
+            scale=scale,
+        )
+    if kernel == "efficient":
+        n = q.shape[-2]
+        padded = -(-n // _EFFICIENT_LSE_ALIGNMENT) * _EFFICIENT_LSE_ALIGNMENT
+        no_rng = torch.empty((), dtype=torch.long, device=q.device)
+        dq, dk, dv, _ = _aten._scaled_dot_product_efficient_attention_backward(
+            grad_out,
+            q,
+            k,
+            v,
+            None,
+            out,
+            F.pad(lse, (0, padded - n)),
+            no_rng,
+            no_rng,
+            0.0,
+            [True, True, True, False],
+            causal,
+            scale=scale,
+        )
+        return dq, dk, dv
+    dtype = lse.dtype
+    grad_out, out = grad_out.to(dtype), out.to(dtype)
+    probs = torch.exp(_math_scores(q, k, causal, scale) - lse.unsqueeze(-1))  # (b, h, n, s)
+    grad_v = torch.matmul(probs.transpose(-1, -2), grad_out)
+    grad_probs = torch.matmul(grad_out, v.to(dtype).transpose(-1, -2))
+    delta = (grad_out * out).sum(-1, keepdim=True)  # (b, h, n, 1)
+    grad_scores = probs * (grad_probs - delta) * scale
+    grad_q = torch.matmul(grad_scores, k.to(dtype))
+    grad_k = torch.matmul(grad_scores.transpose(-1, -2), q.to(dtype))
+    return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype)

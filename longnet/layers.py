@@ -1,0 +1,112 @@
+"""DilatedAttention: the drop-in multi-head attention layer of the seed README."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from longnet.dilated import check_patterns, dilated_attention
+
+AttentionFn = Callable[..., torch.Tensor]
+
+
+class DilatedAttention(nn.Module):
+    """Multi-head (grouped-query) self-attention with LongNet's dilated attention.
+
+    Maps x (batch, seq, d_model) to (batch, seq, d_model). The pattern is either one segment
+    length and dilation rate (`segment_size`, `dilation_rate`, the seed README's arguments) or the
+    paper's mixture (`segment_lengths`, `dilation_rates` lists). Dropout applies to the attention
+    output, as the seed documents. `attention_fn` replaces longnet.dilated_attention by anything
+    with its signature, such as the sequence-parallel version.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        dilation_rate: int | None = None,
+        segment_size: int | None = None,
+        dropout: float = 0.0,
+        *,
+        segment_lengths: Sequence[int] | None = None,
+        dilation_rates: Sequence[int] | None = None,
+        causal: bool = False,
+        num_kv_heads: int | None = None,
+        qk_norm: bool = False,
+        bias: bool = True,
+        softmax_scale: float | None = None,
+        backend: str = "auto",
+        attention_fn: AttentionFn = dilated_attention,
+    ):
+        super().__init__()
+        if (segment_lengths is None) != (dilation_rates is None):
+            raise ValueError("segment_lengths and dilation_rates must be given together")
+        if segment_lengths is None:
+            if segment_size is None:
+                raise ValueError(
+                    "give segment_size (and dilation_rate), or segment_lengths and dilation_rates"
+                )
+            segment_lengths, dilation_rates = [segment_size], [dilation_rate or 1]
+        elif segment_size is not None or dilation_rate is not None:
+            raise ValueError(
+                "give either segment_size/dilation_rate or segment_lengths/dilation_rates, not both"
+            )
+        self.patterns = check_patterns(segment_lengths, dilation_rates)
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if num_heads < 1 or d_model % num_heads:
+            raise ValueError(f"d_model ({d_model}) must be a multiple of num_heads ({num_heads})")
+        if num_kv_heads < 1 or num_heads % num_kv_heads:
+            raise ValueError(
+                f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})"
+            )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.head_dim = d_model // num_heads
+        self.causal, self.softmax_scale, self.backend = causal, softmax_scale, backend
+        self.attention_fn = attention_fn
+        self.qkv = nn.Linear(d_model, (num_heads + 2 * num_kv_heads) * self.head_dim, bias=bias)
+        self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.out_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (b, n, d_model) -> q (b, n, h, d), k and v (b, n, g, d), q and k normed."""
+        q, k, v = self.qkv(x).split(
+            [
+                self.num_heads * self.head_dim,
+                self.num_kv_heads * self.head_dim,
+                self.num_kv_heads * self.head_dim,
+            ],
+            dim=-1,
+        )
+        q = self.q_norm(rearrange(q, "b n (h d) -> b n h d", d=self.head_dim))
+        k = self.k_norm(rearrange(k, "b n (g d) -> b n g d", d=self.head_dim))
+        v = rearrange(v, "b n (g d) -> b n g d", d=self.head_dim)
+        return q, k, v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """(b, n, h, d) attention output of projected q, k, v."""
+        lengths, rates = zip(*self.patterns, strict=True)
+        return self.attention_fn(
+            q,
+            k,
+            v,
+            lengths,
+            rates,
+            causal=self.causal,
+            softmax_scale=self.softmax_scale,
+            backend=self.backend,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.out_proj.in_features:
+            raise ValueError(
+                f"x must have shape (batch, seq, {self.out_proj.in_features}), got {tuple(x.shape)}"
+            )
+        out = self.attend(*self.project(x))
+        return self.dropout(self.out_proj(rearrange(out, "b n h d -> b n (h d)")))
