@@ -33,6 +33,7 @@ import math
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -47,36 +48,82 @@ from longnet.kernels import (
 
 @dataclass(frozen=True)
 class Block:
-    """Segments of one length and heads of one kept count: one dense attention call."""
+    """Segments of one length and the heads of one offset: one dense attention call.
+
+    Head j keeps positions p with p mod r == j mod r, so the heads o, o+r, o+2r, ... share the
+    kept positions o, o+r, o+2r, ... of every segment: both are strided slices, and a block's
+    queries, outputs and log-sum-exps are VIEWS of the (b, n, h, ...) tensors. The kernels take
+    them as strided (b*m, hb, c, d) tensors and nothing is gathered or scattered.
+    """
 
     start: int  # token position of the first segment
     num_segments: int  # m
     segment_length: int  # L
-    positions: torch.Tensor  # (hb, c) kept positions inside a segment, one row per head
-    heads: torch.Tensor  # (hb, 1) query heads
-    kv_heads: torch.Tensor  # (hb, 1) the key/value head each of them reads
+    offset: int  # o: first kept position in each segment, and first query head
+    rate: int  # r: step between kept positions, and between query heads
+    kv_heads: torch.Tensor  # (hb,) the key/value head each query head reads
+    kv_step: int | None  # kv_heads is first + kv_step * j, or None if no stride describes it
+
+    @property
+    def num_heads(self) -> int:  # hb
+        return len(self.kv_heads)
+
+    @property
+    def count(self) -> int:  # c
+        return len(range(self.offset, self.segment_length, self.rate))
 
     def segments(self, x: torch.Tensor) -> torch.Tensor:
         """View of x (b, n, ...) as (b, m, L, ...) over this block's segments."""
         end = self.start + self.num_segments * self.segment_length
         return x[:, self.start : end].unflatten(1, (self.num_segments, self.segment_length))
 
-    def index(self, kv: bool = False) -> tuple:
-        """Index of (b, m, L, heads, ...) that selects (b, m, hb, c, ...)."""
-        return (slice(None), slice(None), self.positions, self.kv_heads if kv else self.heads)
+    def select(self, x: torch.Tensor) -> torch.Tensor:
+        """View (b, m, c, hb, ...) of x (b, n, h, ...)."""
+        o, r = self.offset, self.rate
+        return self.segments(x)[:, :, o::r, o::r]
+
+    def select_kv(self, x: torch.Tensor) -> torch.Tensor:
+        """(b, m, c, hb, d) of x (b, n, g, d): each query head's key/value head."""
+        kept = self.segments(x)[:, :, self.offset :: self.rate]  # (b, m, c, g, d)
+        first, count = int(self.kv_heads[0]), len(self.kv_heads)
+        if self.kv_step is None:  # grouped heads that no stride describes: copy
+            return kept.index_select(3, self.kv_heads)
+        if self.kv_step == 0:  # one kv head for all (multi-query): a stride-0 view
+            return kept[:, :, :, first : first + 1].expand(-1, -1, -1, count, -1)
+        return kept[:, :, :, first : first + self.kv_step * (count - 1) + 1 : self.kv_step]
 
     def gather(self, x: torch.Tensor, kv: bool = False) -> torch.Tensor:
-        """(b, n, heads, d) -> (b*m, hb, c, d), the layout of the attention kernels."""
-        return self.segments(x)[self.index(kv)].flatten(0, 1)
+        """(b, n, heads, d) -> (b*m, hb, c, d), the layout of the attention kernels.
+
+        A view, unless b > 1 and the segments do not span the sequence (then a copy).
+        """
+        return (self.select_kv(x) if kv else self.select(x)).flatten(0, 1).transpose(1, 2)
 
     def gather_lse(self, lse: torch.Tensor) -> torch.Tensor:
         """(b, n, h) -> (b*m, hb, c)."""
-        return self.segments(lse)[self.index()].flatten(0, 1)
+        return self.select(lse).flatten(0, 1).transpose(1, 2)
 
-    def add(self, total: torch.Tensor, part: torch.Tensor) -> None:
-        """total (b, n, h, d) += part (b*m, hb, c, d) at this block's positions."""
-        view, index = self.segments(total), self.index()
-        view[index] = view[index] + part.unflatten(0, (total.shape[0], self.num_segments))
+    def unfold(self, part: torch.Tensor, batch: int) -> torch.Tensor:
+        """A kernel result (b*m, hb, c, ...) as (b, m, c, hb, ...)."""
+        return part.transpose(1, 2).unflatten(0, (batch, self.num_segments))
+
+    def add(self, total: torch.Tensor, part: torch.Tensor, first: bool = False) -> None:
+        """total (b, n, h, d) += part (b*m, hb, c, d); `first`: nothing was added there yet."""
+        value = self.unfold(part, total.shape[0])
+        if first:
+            self.select(total).copy_(value)
+        else:
+            self.select(total).add_(value)
+
+    def add_kv(self, total: torch.Tensor, part: torch.Tensor) -> None:
+        """total (b, n, g, d) += part (b*m, hb, c, d), summing query heads that share a kv head."""
+        kept = self.segments(total)[:, :, self.offset :: self.rate]  # (b, m, c, g, d)
+        value = self.unfold(part, total.shape[0]).to(total.dtype)
+        kept.index_add_(3, self.kv_heads, value)
+
+
+# Most (query, head) pairs one attention call handles per batch element.
+MAX_BLOCK_QUERIES = 1 << 19
 
 
 @functools.lru_cache(maxsize=1024)
@@ -95,24 +142,26 @@ def pattern_blocks(
     group_size = heads // kv_heads
     blocks = []
     for start, num_segments, length in segment_classes:
-        heads_by_count: dict[int, list[int]] = {}
-        for head in range(heads):
-            count = len(range(head % r, length, r))
-            if count:  # a head whose offset lies past a short segment keeps nothing there
-                heads_by_count.setdefault(count, []).append(head)
-        for count, block_heads in heads_by_count.items():
-            head_index = torch.tensor(block_heads, device=device)
-            offsets = head_index % r
-            blocks.append(
-                Block(
-                    start=start,
-                    num_segments=num_segments,
-                    segment_length=length,
-                    positions=offsets[:, None] + r * torch.arange(count, device=device),
-                    heads=head_index[:, None],
-                    kv_heads=(head_index // group_size)[:, None],
+        # An offset past a short segment, or past the last head, keeps nothing.
+        for offset in range(min(r, length, heads)):
+            count = len(range(offset, length, r))
+            block_heads = torch.arange(offset, heads, r, device=device)
+            block_kv_heads = block_heads // group_size
+            steps = set(block_kv_heads.diff().tolist()) or {1}
+            # Bound the gathered copies of one call, so memory stays linear in seq_len.
+            per_call = max(1, MAX_BLOCK_QUERIES // (count * len(block_heads)))
+            for first in range(0, num_segments, per_call):
+                blocks.append(
+                    Block(
+                        start=start + first * length,
+                        num_segments=min(per_call, num_segments - first),
+                        segment_length=length,
+                        offset=offset,
+                        rate=r,
+                        kv_heads=block_kv_heads,
+                        kv_step=steps.pop() if len(steps) == 1 else None,
+                    )
                 )
-            )
     return tuple(blocks)
 
 
@@ -122,86 +171,128 @@ def merge_block(
     block: Block,
     block_out: torch.Tensor,
     block_lse: torch.Tensor,
+    first: bool = False,
 ) -> None:
     """Fold one block's (out, lse) into the running (out, lse) in place (paper Eq. 10).
 
     out (b, n, h, d) and lse (b, n, h) are in the accumulation dtype; lse is -inf where nothing
-    was merged yet. Blocks of one pattern are disjoint, so a gather-update-scatter is exact.
+    was merged yet, and `first` says that holds at every position of the block.
     """
-    batch = out.shape[0]
-    index = block.index()
-    out_view, lse_view = block.segments(out), block.segments(lse)
-    old_lse = lse_view[index]  # (b, m, hb, c)
-    part_lse = block_lse.unflatten(0, (batch, block.num_segments)).to(lse.dtype)
-    new_lse = torch.logaddexp(old_lse, part_lse)
-    part_out = block_out.unflatten(0, (batch, block.num_segments))  # (b, m, hb, c, d)
-    out_view[index] = out_view[index] * torch.exp(old_lse - new_lse).unsqueeze(
-        -1
-    ) + part_out * torch.exp(part_lse - new_lse).unsqueeze(-1)
-    lse_view[index] = new_lse
+    part_out = block.unfold(block_out, out.shape[0])  # (b, m, c, hb, d)
+    part_lse = block.unfold(block_lse, out.shape[0])  # (b, m, c, hb)
+    out_view, lse_view = block.select(out), block.select(lse)  # views: updated in place
+    if first:
+        out_view.copy_(part_out)
+        lse_view.copy_(part_lse)
+        return
+    new_lse = torch.logaddexp(lse_view, part_lse)
+    out_view.mul_(torch.exp(lse_view - new_lse).unsqueeze(-1))
+    out_view.add_(part_out * torch.exp(part_lse - new_lse).unsqueeze(-1))
+    lse_view.copy_(new_lse)
 
 
-def _blocks(q: torch.Tensor, k: torch.Tensor, patterns) -> list[Block]:
-    batch, seq_len, heads, _ = q.shape
-    return [
-        block
-        for w, r in patterns
-        for block in pattern_blocks(seq_len, w, r, heads, k.shape[2], q.device)
-    ]
+# A kernel call with fewer (segment, head) pairs than this per batch element starves the cores
+# (torch's CPU flash backward runs one thread per (batch, head)).
+MIN_CALL_PAIRS = 32
+
+
+def pack(blocks: tuple[Block, ...]) -> tuple[tuple[Block, ...], ...]:
+    """The kernel calls of one pattern: a block alone, or small blocks of one shape together.
+
+    NOTE: a pattern with a large r has few heads per offset (one when r >= h), so alone its
+    blocks would be (segments, 1 head) calls; packing copies their sparse, hence small, inputs
+    into one call over all heads.
+    """
+    calls, small = [], {}
+    for block in blocks:
+        if block.num_segments * block.num_heads >= MIN_CALL_PAIRS:
+            calls.append((block,))
+        else:
+            shape = (block.start, block.num_segments, block.segment_length, block.count)
+            small.setdefault(shape, []).append(block)
+    return tuple(calls) + tuple(tuple(group) for group in small.values())
+
+
+def gather_call(call: tuple[Block, ...], x: torch.Tensor, kv: bool = False) -> torch.Tensor:
+    """(b*m, heads of the call, c, d): a view for one block, else the blocks' heads concatenated."""
+    if len(call) == 1:
+        return call[0].gather(x, kv)
+    return torch.cat([block.gather(x, kv) for block in call], dim=1)
+
+
+def gather_call_lse(call: tuple[Block, ...], lse: torch.Tensor) -> torch.Tensor:
+    return torch.cat([block.gather_lse(lse) for block in call], dim=1)
+
+
+def split_call(call: tuple[Block, ...], part: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A call's (b*m, heads, c, ...) result as one (b*m, hb, c, ...) view per block."""
+    return part.split([block.num_heads for block in call], dim=1)
+
+
+def plan(q: torch.Tensor, k: torch.Tensor, patterns) -> list[tuple[tuple[Block, ...], ...]]:
+    """The kernel calls of every pattern, the pattern that keeps the most (least r) first."""
+    _, seq_len, heads, _ = q.shape
+    ordered = sorted(patterns, key=lambda pattern: pattern[1])
+    return [pack(pattern_blocks(seq_len, w, r, heads, k.shape[2], q.device)) for w, r in ordered]
 
 
 class _DilatedAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, patterns, causal, scale, kernel):
-        blocks = _blocks(q, k, patterns)
+        calls = plan(q, k, patterns)
         acc = accumulation_dtype(q.dtype)
-        out = q.new_zeros(q.shape, dtype=acc)  # (b, n, h, d)
-        lse = q.new_full(q.shape[:3], -math.inf, dtype=acc)  # (b, n, h)
-        for block in blocks:
-            block_out, block_lse = attention_forward(
-                block.gather(q),
-                block.gather(k, kv=True),
-                block.gather(v, kv=True),
-                causal=causal,
-                scale=scale,
-                kernel=kernel,
-            )
-            merge_block(out, lse, block, block_out, block_lse)
+        # With r = 1 in some pattern, every (position, head) gets written: no fill needed.
+        new = torch.empty if calls[0][0][0].rate == 1 else torch.zeros
+        out = new(q.shape, dtype=acc, device=q.device)  # (b, n, h, d)
+        lse = torch.full(q.shape[:3], -math.inf, dtype=acc, device=q.device)  # (b, n, h)
+        for index, pattern in enumerate(calls):
+            for call in pattern:
+                call_out, call_lse = attention_forward(
+                    gather_call(call, q),
+                    gather_call(call, k, kv=True),
+                    gather_call(call, v, kv=True),
+                    causal=causal,
+                    scale=scale,
+                    kernel=kernel,
+                )
+                for block, block_out, block_lse in zip(
+                    call, split_call(call, call_out), split_call(call, call_lse), strict=True
+                ):
+                    merge_block(out, lse, block, block_out, block_lse, first=index == 0)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.blocks, ctx.causal, ctx.scale, ctx.kernel = blocks, causal, scale, kernel
+        ctx.calls, ctx.causal, ctx.scale, ctx.kernel = calls, causal, scale, kernel
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
-        acc = lse.dtype
-        grad_q = q.new_zeros(q.shape, dtype=acc)  # (b, n, h, d)
-        # Key/value gradients per QUERY head, summed over each kv head's group at the end:
-        # heads of one group may keep the same positions, which a scatter would collide on.
-        grad_k = q.new_zeros(q.shape, dtype=acc)
-        grad_v = q.new_zeros(q.shape, dtype=acc)
-        for block in ctx.blocks:
-            dq, dk, dv = attention_backward(
-                block.gather(grad_out),
-                block.gather(q),
-                block.gather(k, kv=True),
-                block.gather(v, kv=True),
-                block.gather(out),
-                block.gather_lse(lse),
-                causal=ctx.causal,
-                scale=ctx.scale,
-                kernel=ctx.kernel,
-            )
-            block.add(grad_q, dq)
-            block.add(grad_k, dk)
-            block.add(grad_v, dv)
-        batch, seq_len, heads, dim = q.shape
-        kv_heads = k.shape[2]
-        if kv_heads != heads:  # (b, n, g, h/g, d) -> (b, n, g, d)
-            grad_k = grad_k.view(batch, seq_len, kv_heads, heads // kv_heads, dim).sum(3)
-            grad_v = grad_v.view(batch, seq_len, kv_heads, heads // kv_heads, dim).sum(3)
+        acc, calls = lse.dtype, ctx.calls
+        grad_q = (torch.empty if calls[0][0][0].rate == 1 else torch.zeros)(
+            q.shape, dtype=acc, device=q.device
+        )
+        grad_k = torch.zeros(k.shape, dtype=acc, device=k.device)  # (b, n, g, d)
+        grad_v = torch.zeros(v.shape, dtype=acc, device=v.device)
+        for index, pattern in enumerate(calls):
+            for call in pattern:
+                grads = attention_backward(
+                    gather_call(call, grad_out),
+                    gather_call(call, q),
+                    gather_call(call, k, kv=True),
+                    gather_call(call, v, kv=True),
+                    gather_call(call, out),
+                    gather_call_lse(call, lse),
+                    causal=ctx.causal,
+                    scale=ctx.scale,
+                    kernel=ctx.kernel,
+                )
+                for block, dq, dk, dv in zip(
+                    call, *map(partial(split_call, call), grads), strict=True
+                ):
+                    block.add(grad_q, dq, first=index == 0)
+                    block.add_kv(grad_k, dk)
+                    block.add_kv(grad_v, dv)
         return (grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None, None, None, None)
 
 
