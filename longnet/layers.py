@@ -49,7 +49,8 @@ class DilatedAttention(nn.Module):
                 raise ValueError(
                     "give segment_size (and dilation_rate), or segment_lengths and dilation_rates"
                 )
-            segment_lengths, dilation_rates = [segment_size], [dilation_rate or 1]
+            segment_lengths = [segment_size]
+            dilation_rates = [1 if dilation_rate is None else dilation_rate]
         elif segment_size is not None or dilation_rate is not None:
             raise ValueError(
                 "give either segment_size/dilation_rate or segment_lengths/dilation_rates, not both"

@@ -1,0 +1,1 @@
+"""The training program: config, data, trainer, and the scripts users run."""

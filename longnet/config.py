@@ -1,0 +1,224 @@
+"""Model configurations: LongNetConfig (the paper's language model, with presets) and
+LongNetViTConfig (the LongViT-style image encoder). Bad values raise ValueError naming the field.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+
+from longnet.dilated import check_patterns
+from longnet.kernels import BACKENDS
+from longnet.positions import POSITIONS, xpos_max_exponent
+
+ACTIVATIONS = ("gelu", "swiglu")
+# xPos multiplies q by zeta^(p/B) and k by zeta^(-p/B); keep |exponent| of e well inside the
+# float32 / bfloat16 range (e^88), see LongNetConfig.position.
+XPOS_MAX_EXPONENT = 80.0
+
+PAPER_SEGMENT_LENGTHS = (2048, 4096, 8192, 16384, 32768)
+PAPER_DILATION_RATES = (1, 2, 4, 6, 12)
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be a positive int, got {value!r}") from None
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _positive_float(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def _choice(name: str, value, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+@dataclass(kw_only=True)
+class BlockConfig:
+    """The Transformer blocks shared by the language model and the image encoder.
+
+    num_kv_heads None means num_heads (multi-head); 1 is multi-query attention. ffn_dim None means
+    4 * d_model (for SwiGLU too: the gate doubles fc1's width). dropout applies to each sublayer's
+    output. backend is dilated_attention's ("auto", "fused", "math").
+    """
+
+    d_model: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    num_kv_heads: int | None = None
+    ffn_dim: int | None = None
+    segment_lengths: tuple[int, ...] = PAPER_SEGMENT_LENGTHS
+    dilation_rates: tuple[int, ...] = PAPER_DILATION_RATES
+    qk_norm: bool = False
+    activation: str = "gelu"
+    dropout: float = 0.0
+    bias: bool = True
+    layer_norm_eps: float = 1e-5
+    activation_checkpointing: bool = False
+    backend: str = "auto"
+
+    def __post_init__(self):
+        for name in ("d_model", "num_layers", "num_heads"):
+            setattr(self, name, _positive_int(name, getattr(self, name)))
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        self.num_kv_heads = _positive_int("num_kv_heads", self.num_kv_heads)
+        if self.ffn_dim is None:
+            self.ffn_dim = 4 * self.d_model
+        self.ffn_dim = _positive_int("ffn_dim", self.ffn_dim)
+        if self.d_model % self.num_heads:
+            raise ValueError(
+                f"d_model ({self.d_model}) must be a multiple of num_heads ({self.num_heads})"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                f"({self.num_kv_heads})"
+            )
+        patterns = check_patterns(self.segment_lengths, self.dilation_rates)
+        self.segment_lengths = tuple(w for w, _ in patterns)
+        self.dilation_rates = tuple(r for _, r in patterns)
+        for name in ("qk_norm", "bias", "activation_checkpointing"):
+            _bool(name, getattr(self, name))
+        _choice("activation", self.activation, ACTIVATIONS)
+        _choice("backend", self.backend, BACKENDS)
+        dropout = self.dropout
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
+            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        self.layer_norm_eps = _positive_float("layer_norm_eps", self.layer_norm_eps)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @property
+    def position_period(self) -> int:
+        """lcm of the segment lengths: every segment of every pattern lies inside one period.
+
+        Tokens interact only inside a segment, so positional encodings may measure positions
+        within their period (see longnet.positions.relative_positions).
+        """
+        return math.lcm(*self.segment_lengths)
+
+
+_PRESETS: dict[str, dict] = {
+    "longnet-tiny": dict(
+        vocab_size=264,
+        d_model=128,
+        num_layers=4,
+        num_heads=4,
+        ffn_dim=512,
+        segment_lengths=(64, 128, 256),
+        dilation_rates=(1, 2, 4),
+    ),
+    "longnet-125m": dict(d_model=768, num_layers=12, num_heads=12, ffn_dim=3072),
+    "longnet-350m": dict(d_model=1024, num_layers=24, num_heads=16, ffn_dim=4096),
+    "longnet-760m": dict(d_model=1536, num_layers=24, num_heads=16, ffn_dim=6144),
+    "longnet-2.7b": dict(d_model=2560, num_layers=32, num_heads=32, ffn_dim=10240),
+}
+
+
+@dataclass(kw_only=True)
+class LongNetConfig(BlockConfig):
+    """The LongNet language model (Ding et al. 2023): MAGNETO blocks, dilated causal attention.
+
+    The defaults are the paper's 125M model (12 layers, 768 wide, 12 heads, FFN 3072, xPos,
+    w = 2048..32768, r = 1..12) with GPT-2's vocabulary padded to 50304 and tied embeddings.
+
+    position: "xpos" (the paper's; Sun et al. 2022), "rotary", "alibi" or "none". Positions are
+    true token distances; xPos scales q and k by zeta^(+-p/B) with p measured from the middle of
+    the position period (lcm of segment_lengths), so (period / 2) / xpos_scale_base * ln(1/zeta)
+    must stay below 80 to fit float32 and bfloat16 (period <= 65390 at B = 512; float16 cannot
+    hold xPos beyond a period of ~9000 at B = 512).
+    """
+
+    vocab_size: int = 50304
+    position: str = "xpos"
+    rotary_base: float = 10000.0
+    xpos_scale_base: float = 512.0
+    tie_embeddings: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.vocab_size = _positive_int("vocab_size", self.vocab_size)
+        _choice("position", self.position, POSITIONS)
+        self.rotary_base = _positive_float("rotary_base", self.rotary_base)
+        self.xpos_scale_base = _positive_float("xpos_scale_base", self.xpos_scale_base)
+        _bool("tie_embeddings", self.tie_embeddings)
+        if self.position in ("rotary", "xpos") and self.head_dim % 2:
+            raise ValueError(
+                f"position={self.position!r} needs an even head_dim, got d_model / num_heads = "
+                f"{self.head_dim}"
+            )
+        if self.position == "xpos":
+            exponent = xpos_max_exponent(self.position_period, self.xpos_scale_base)
+            if exponent > XPOS_MAX_EXPONENT:
+                raise ValueError(
+                    f"position='xpos' with segment_lengths {list(self.segment_lengths)} (period "
+                    f"{self.position_period}) and xpos_scale_base {self.xpos_scale_base} scales q "
+                    f"and k by up to e^{exponent:.0f}, beyond float32 range; raise "
+                    f"xpos_scale_base or use position='rotary'"
+                )
+
+    PRESETS = tuple(_PRESETS)  # the names preset() takes
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> LongNetConfig:
+        """A named configuration, with any field overridden.
+
+        longnet-125m / -350m / -760m / -2.7b mirror the paper's Table 4 (layers / hidden / heads:
+        12/768/12, 24/1024/16, 24/1536/16, 32/2560/32, FFN 4x hidden, xPos, w = {2048, ...,
+        32768}, r = {1, 2, 4, 6, 12}) with GPT-2's 50257-token vocabulary padded to 50304 and
+        tied embeddings: 123.8M, 354.1M, 757.6M and 2.647B parameters. longnet-tiny (0.83M
+        parameters: 4 layers, 128 wide, 4 heads, w = {64, 128, 256}, r = {1, 2, 4}) has a byte
+        vocabulary of 264 (256 byte values and 8 special tokens) and trains on a CPU in minutes.
+        """
+        if name not in _PRESETS:
+            raise ValueError(f"unknown preset {name!r}; presets: {list(_PRESETS)}")
+        return cls(**{**_PRESETS[name], **overrides})
+
+
+@dataclass(kw_only=True)
+class LongNetViTConfig(BlockConfig):
+    """A LongViT-style encoder (Wang et al. 2023, "When an Image is Worth 1,024 x 1,024 Words"):
+    patches of patch_size x patch_size pixels in raster order, non-causal dilated attention.
+
+    Positions are fixed 2-D sine-cosine embeddings added to the patch embeddings (so d_model must
+    be a multiple of 4); they take any grid size. The default pattern keeps w / r = 256 for every
+    pattern, so each costs the same and the attention cost is linear in the patch count.
+    """
+
+    patch_size: int = 16
+    in_channels: int = 3
+    num_classes: int = 1000
+    segment_lengths: tuple[int, ...] = (256, 1024, 4096, 16384)
+    dilation_rates: tuple[int, ...] = (1, 4, 16, 64)
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("patch_size", "in_channels", "num_classes"):
+            setattr(self, name, _positive_int(name, getattr(self, name)))
+        if self.d_model % 4:
+            raise ValueError(
+                f"d_model ({self.d_model}) must be a multiple of 4 for 2-D sine-cosine positions"
+            )

@@ -1,0 +1,300 @@
+"""LongNetLM: the paper's decoder-only language model, and the MAGNETO blocks it shares with
+LongNetViT.
+
+Notation
+    b   batch       n   tokens        D   d_model       V   vocabulary
+    h   query heads g   kv heads      d   head dim      N   layers
+
+A block is MAGNETO's sub-LayerNorm layout (Wang et al. 2022, "Foundation Transformers",
+arXiv 2210.06423), the architecture LongNet trains: each sublayer is x + f(LN(x)), and f carries
+one more LayerNorm before its output projection:
+    attention: LN -> qkv -> positions -> dilated attention -> LN -> out_proj
+    FFN:       LN -> fc1 -> activation -> LN -> fc2
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from longnet.config import BlockConfig, LongNetConfig
+from longnet.dilated import dilated_attention
+from longnet.generation import KVCache, LayerCache, check_sampling, decode_attention, sample_next
+from longnet.kernels import accumulation_dtype
+from longnet.layers import AttentionFn, DilatedAttention
+from longnet.positions import make_positions, relative_positions
+
+IGNORE_INDEX = -100
+
+
+class SelfAttention(DilatedAttention):
+    """The attention sublayer after its input LayerNorm: (b, n, D) -> (b, n, D).
+
+    `positions` encodes q and k (see longnet.positions); an encoding that widens them (ALiBi)
+    gets v padded to the same width for the attention function, and the padding sliced off.
+    """
+
+    def __init__(self, config: BlockConfig, causal: bool, attention_fn: AttentionFn, positions):
+        super().__init__(
+            config.d_model,
+            config.num_heads,
+            dropout=config.dropout,
+            segment_lengths=config.segment_lengths,
+            dilation_rates=config.dilation_rates,
+            causal=causal,
+            num_kv_heads=config.num_kv_heads,
+            qk_norm=config.qk_norm,
+            bias=config.bias,
+            # explicit, since an encoding may widen q and k beyond head_dim
+            softmax_scale=config.head_dim**-0.5,
+            backend=config.backend,
+            attention_fn=attention_fn,
+        )
+        self.positions = positions
+        self.inner_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+
+    def forward(
+        self, x: torch.Tensor, encoding: tuple, cache: LayerCache | None = None
+    ) -> torch.Tensor:
+        q, k, v = self.project(x)
+        q, k = self.positions.apply(q, k, encoding)
+        if cache is not None and cache.length:  # one new token against the cache
+            keys, values = cache.append(k, v)
+            out = decode_attention(q, keys, values, self.patterns, self.softmax_scale)
+        else:
+            if cache is not None:  # prefill
+                cache.append(k, v)
+            extra = k.shape[-1] - v.shape[-1]
+            out = self.attend(q, k, F.pad(v, (0, extra)) if extra else v)[..., : self.head_dim]
+        out = self.out_proj(self.inner_norm(rearrange(out, "b n h d -> b n (h d)")))
+        return self.dropout(out)
+
+
+class FeedForward(nn.Module):
+    """(b, n, D) -> (b, n, D): fc1 -> GELU (or SwiGLU) -> LN -> fc2."""
+
+    def __init__(self, config: BlockConfig):
+        super().__init__()
+        self.swiglu = config.activation == "swiglu"
+        width = 2 * config.ffn_dim if self.swiglu else config.ffn_dim
+        self.fc1 = nn.Linear(config.d_model, width, bias=config.bias)
+        self.inner_norm = nn.LayerNorm(config.ffn_dim, eps=config.layer_norm_eps)
+        self.fc2 = nn.Linear(config.ffn_dim, config.d_model, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.fc1(x)
+        if self.swiglu:
+            gate, up = hidden.chunk(2, dim=-1)
+            hidden = F.silu(gate) * up
+        else:
+            hidden = F.gelu(hidden)
+        return self.dropout(self.fc2(self.inner_norm(hidden)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: BlockConfig, causal: bool, attention_fn: AttentionFn, positions):
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.attn = SelfAttention(config, causal, attention_fn, positions)
+        self.ffn_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.ffn = FeedForward(config)
+
+    def forward(
+        self, x: torch.Tensor, encoding: tuple = (), cache: LayerCache | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), encoding, cache)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Blocks(nn.ModuleList):
+    """N blocks with MAGNETO's initialisation, run with activation checkpointing if configured."""
+
+    def __init__(self, config: BlockConfig, causal: bool, attention_fn: AttentionFn, positions):
+        super().__init__(
+            Block(config, causal, attention_fn, positions) for _ in range(config.num_layers)
+        )
+        self.checkpointing = config.activation_checkpointing
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # NOTE: MAGNETO's initialisation (Wang et al. 2022, "Foundation Transformers", section
+        # 2.2): xavier_normal_ everywhere, with gain gamma = sqrt(log(2N)) on the value, output
+        # and FFN projections (gamma for encoder-only and decoder-only models); q and k keep
+        # gain 1. Biases start at zero. The fused qkv and SwiGLU's fc1 are initialised per part,
+        # each with its own fan-out, as the separate projections of the paper would be.
+        gamma = math.sqrt(math.log(2 * len(self)))
+        for block in self:
+            attn = block.attn
+            q, k, v = attn.qkv.weight.data.split(
+                [attn.num_heads * attn.head_dim, *2 * [attn.num_kv_heads * attn.head_dim]]
+            )
+            nn.init.xavier_normal_(q)
+            nn.init.xavier_normal_(k)
+            nn.init.xavier_normal_(v, gain=gamma)
+            nn.init.xavier_normal_(attn.out_proj.weight, gain=gamma)
+            for part in block.ffn.fc1.weight.data.chunk(2 if block.ffn.swiglu else 1):
+                nn.init.xavier_normal_(part, gain=gamma)
+            nn.init.xavier_normal_(block.ffn.fc2.weight, gain=gamma)
+            for linear in (attn.qkv, attn.out_proj, block.ffn.fc1, block.ffn.fc2):
+                if linear.bias is not None:
+                    nn.init.zeros_(linear.bias)
+
+    def forward(
+        self, x: torch.Tensor, encoding: tuple = (), cache: KVCache | None = None
+    ) -> torch.Tensor:
+        for i, block in enumerate(self):
+            if cache is not None:
+                x = block(x, encoding, cache.layers[i])
+            elif self.checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, encoding, use_reentrant=False)
+            else:
+                x = block(x, encoding)
+        return x
+
+
+@dataclass
+class LMOutput:
+    """logits (b, n, V); with labels: loss = loss_sum / num_tokens, the mean cross-entropy in nats
+    over the labels that are not IGNORE_INDEX (0 when there are none). Under sequence parallelism
+    sum loss_sum and num_tokens over the ranks before dividing."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    loss_sum: torch.Tensor | None = None
+    num_tokens: torch.Tensor | None = None
+
+
+class LongNetLM(nn.Module):
+    """The LongNet language model: embeddings, N MAGNETO blocks of dilated causal attention,
+    final LayerNorm, LM head (tied to the embeddings or not).
+
+    attention_fn replaces longnet.dilated_attention for every layer (the trainer passes the
+    sequence-parallel one); it is called as dilated_attention is, on q and k that already carry
+    their positional encoding (ALiBi widens them by 8 dims, and v with them, with the scale
+    passed explicitly). The model makes no torch.distributed call.
+    """
+
+    def __init__(self, config: LongNetConfig, attention_fn: AttentionFn = dilated_attention):
+        super().__init__()
+        if not isinstance(config, LongNetConfig):
+            raise ValueError(f"config must be a LongNetConfig, got {type(config).__name__}")
+        self.config = config
+        self.positions = make_positions(
+            config.position,
+            config.num_heads,
+            config.head_dim,
+            config.rotary_base,
+            config.xpos_scale_base,
+        )
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = Blocks(config, True, attention_fn, self.positions)
+        self.norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        # torchscale's MAGNETO decoder: embeddings (and an untied head) ~ N(0, 1/D), unscaled.
+        nn.init.normal_(self.embed.weight, std=config.d_model**-0.5)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        else:
+            nn.init.normal_(self.lm_head.weight, std=config.d_model**-0.5)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Distinct parameters (a tied head counts once); exclude_embeddings drops the
+        embedding table (and an untied head)."""
+        skip = {id(self.embed.weight), id(self.lm_head.weight)} if exclude_embeddings else set()
+        return sum(p.numel() for p in self.parameters() if id(p) not in skip)
+
+    def hidden_states(
+        self, tokens: torch.Tensor, position_offset: int = 0, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        """tokens (b, n) -> final-normed hidden states (b, n, D)."""
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.is_floating_point():
+            raise ValueError(
+                f"tokens must be an integer tensor of shape (batch, seq), got "
+                f"{tokens.dtype if isinstance(tokens, torch.Tensor) else type(tokens).__name__} "
+                f"{tuple(getattr(tokens, 'shape', ()))}"
+            )
+        if isinstance(position_offset, bool) or not isinstance(position_offset, int):
+            raise ValueError(f"position_offset must be an int >= 0, got {position_offset!r}")
+        if position_offset < 0:
+            raise ValueError(f"position_offset must be an int >= 0, got {position_offset!r}")
+        if cache is not None:
+            if position_offset:
+                raise ValueError("give position_offset or cache, not both")
+            if cache.length and tokens.shape[1] != 1:
+                raise ValueError(
+                    f"after the prompt, the cache takes one token at a time, got {tokens.shape[1]}"
+                )
+            position_offset = cache.length
+        x = self.embed(tokens)  # (b, n, D)
+        positions = relative_positions(
+            position_offset, tokens.shape[1], self.config.position_period, tokens.device
+        )
+        encoding = self.positions.encode(positions, accumulation_dtype(x.dtype))
+        return self.norm(self.blocks(x, encoding, cache))
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        position_offset: int = 0,
+        cache: KVCache | None = None,
+    ) -> LMOutput:
+        """tokens (b, n) int, and optionally labels (b, n): labels[:, i] is the token that should
+        follow tokens[:, i] (already shifted; IGNORE_INDEX = -100 where there is none), which lets
+        a sequence-parallel shard carry its own targets.
+
+        position_offset is the global position of tokens[:, 0] (a shard's start): it moves the
+        positional encodings. Segments are cut by the attention function: dilated_attention cuts
+        them from tokens[:, 0], so a shard run alone on one device should start at a multiple of
+        every segment length. cache (a KVCache) is for generate().
+        """
+        logits = self.lm_head(self.hidden_states(tokens, position_offset, cache))  # (b, n, V)
+        if labels is None:
+            return LMOutput(logits)
+        if not isinstance(labels, torch.Tensor) or labels.shape != tokens.shape:
+            raise ValueError(
+                f"labels must have the shape of tokens {tuple(tokens.shape)}, got "
+                f"{tuple(getattr(labels, 'shape', ()))}"
+            )
+        loss_sum = F.cross_entropy(
+            logits.flatten(0, 1).float(),
+            labels.flatten(),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
+        num_tokens = (labels != IGNORE_INDEX).sum()
+        return LMOutput(logits, loss_sum / num_tokens.clamp(min=1), loss_sum, num_tokens)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        tokens: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        use_cache: bool = True,
+    ) -> torch.Tensor:
+        """tokens (b, n) followed by max_new_tokens sampled tokens: (b, n + max_new_tokens).
+
+        top_k=1 is greedy. use_cache keeps every layer's keys and values: the prompt runs through
+        dilated attention once, then each new token attends exactly the cached keys dilated
+        attention lets it see (longnet.generation). use_cache=False recomputes the whole
+        sequence for every token. Dropout follows the module's mode: call eval() first.
+        """
+        check_sampling(max_new_tokens, temperature, top_k)
+        cache = KVCache(len(self.blocks), tokens.shape[1] + max_new_tokens) if use_cache else None
+        step = tokens
+        for _ in range(max_new_tokens):
+            hidden = self.hidden_states(step if use_cache else tokens, cache=cache)
+            logits = self.lm_head(hidden[:, -1])  # (b, V)
+            next_token = sample_next(logits, temperature, top_k)  # (b, 1)
+            tokens = torch.cat([tokens, next_token], dim=1)
+            step = next_token
+        return tokens

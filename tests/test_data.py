@@ -1,0 +1,440 @@
+"""The data pipeline on real files through the real `datasets` library: every reader, the packing
+against the tokenised documents, the sampler's determinism and sharding, the cache, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from longnet.launch.data import ByteTokenizer, DataConfig, check, load, make_tokenizer, prepare
+
+EOS = ByteTokenizer.eos_id
+SMALL_STDLIB = dict(seq_len=32, max_documents=10, validation_fraction=0.3)
+
+
+def stream_of(dataset) -> np.ndarray:
+    """The whole token stream of a split, as the rows are cut from it."""
+    return dataset.stream.slice(0, len(dataset.stream)).astype(np.int64)
+
+
+def documents_of(stream: np.ndarray, eos: int) -> list[list[int]]:
+    """The stream cut after each EOS; every document must end with one."""
+    assert stream[-1] == eos
+    ends = np.flatnonzero(stream == eos)
+    return [stream[a + 1 : b].tolist() for a, b in zip(np.r_[-1, ends[:-1]], ends, strict=True)]
+
+
+def texts_of(dataset) -> list[str]:
+    return [bytes(doc).decode("utf-8") for doc in documents_of(stream_of(dataset), EOS)]
+
+
+def files_config(tmp_path, path, **overrides) -> DataConfig:
+    values = dict(
+        source="files",
+        path=str(path),
+        cache_dir=str(tmp_path / "cache"),
+        seq_len=16,
+        validation_fraction=0.3,
+    )
+    return DataConfig(**(values | overrides))
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+@pytest.fixture
+def corpus_folder(tmp_path) -> tuple[Path, list[str]]:
+    """A folder of every supported type (one nested), text field "content"; the documents."""
+    folder = tmp_path / "corpus"
+    (folder / "nested").mkdir(parents=True)
+    (folder / ".hidden").write_text("ignored")
+    (folder / "a.txt").write_text("def f(x):\n    return x + 1\n\n\nprint(f(2))\n")
+    (folder / "nested" / "b.txt").write_text("naïve café ✓ — one document per .txt file\n")
+    write_jsonl(
+        folder / "c.jsonl",
+        [{"content": f"json line {i} " * (i + 1), "id": i} for i in range(5)] + [{"content": ""}],
+    )
+    (folder / "d.json").write_text(json.dumps([{"content": "a JSON array record"}] * 2))
+    parquet_texts = [f"parquet row {i}: " + "xyz" * i for i in range(4)]
+    pq.write_table(pa.table({"content": parquet_texts, "n": list(range(4))}), folder / "e.parquet")
+    expected = (
+        [(folder / "a.txt").read_text(), (folder / "nested" / "b.txt").read_text()]
+        + [f"json line {i} " * (i + 1) for i in range(5)]  # the empty record is dropped
+        + ["a JSON array record"] * 2
+        + parquet_texts
+    )
+    return folder, expected
+
+
+def test_byte_tokenizer():
+    tokenizer = make_tokenizer("byte")
+    text = "naïve ✓\n\tx"
+    ids = tokenizer.encode(text)
+    assert ids == list(text.encode("utf-8"))
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.decode([*ids[:3], tokenizer.eos_id, *ids[3:]]) == text  # specials dropped
+    assert tokenizer.decode([0xC3]) == "\ufffd"  # a cut multi-byte character
+    assert (tokenizer.vocab_size, tokenizer.eos_id) == (264, 256)
+
+
+def test_folder_of_every_type_packs_the_documents(tmp_path, corpus_folder):
+    folder, expected = corpus_folder
+    config = files_config(tmp_path, folder, text_field="content", validation_fraction=0.0)
+    corpus = load(config)
+    assert corpus.validation is None
+    assert sorted(texts_of(corpus.train)) == sorted(expected)
+    stream = stream_of(corpus.train)
+    total = sum(len(t.encode()) + 1 for t in expected)
+    assert len(stream) == total == corpus.stats["train"]["tokens"]
+    assert corpus.stats["train"]["bytes"] == total - len(expected)
+
+    # Rows: seq_len + 1 tokens with stride seq_len; the concatenated inputs are the stream.
+    seq_len, rows = config.seq_len, len(corpus.train)
+    assert rows == (total - 1) // seq_len
+    batch = corpus.train.rows(range(rows))
+    assert batch["input_ids"].dtype == batch["labels"].dtype == torch.int64
+    assert batch["input_ids"].shape == batch["labels"].shape == (rows, seq_len)
+    inputs = batch["input_ids"].flatten()
+    labels = batch["labels"].flatten()
+    assert torch.equal(inputs, torch.from_numpy(stream[: rows * seq_len]))
+    assert torch.equal(labels, torch.from_numpy(stream[1 : rows * seq_len + 1]))
+    item = corpus.train[rows - 1]
+    assert torch.equal(item["input_ids"], batch["input_ids"][-1])
+    with pytest.raises(IndexError):
+        corpus.train[rows]
+
+
+@pytest.mark.parametrize("name", ["one.txt", "one.jsonl", "one.parquet"])
+def test_single_file(tmp_path, name):
+    texts = [f"document {i}: " + "abc" * i for i in range(20)]
+    path = tmp_path / name
+    if name.endswith(".txt"):
+        path.write_text(texts[0])
+        texts = texts[:1]
+    elif name.endswith(".jsonl"):
+        write_jsonl(path, [{"text": t} for t in texts])
+    else:
+        pq.write_table(pa.table({"text": texts}), path)
+    corpus = load(files_config(tmp_path, path, seq_len=4, validation_fraction=0.0))
+    assert sorted(texts_of(corpus.train)) == sorted(texts)
+
+
+def test_hf_tokenizer_file(tmp_path, corpus_folder):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    folder, expected = corpus_folder
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    hf.train_from_iterator(expected, trainer)
+    path = tmp_path / "tokenizer.json"
+    hf.save(str(path))
+
+    config = files_config(tmp_path, folder, text_field="content", tokenizer=str(path), seq_len=8)
+    corpus = load(replace(config, validation_fraction=0.0))
+    tokenizer = corpus.tokenizer
+    assert tokenizer.eos_id == hf.token_to_id("<|endoftext|>")
+    assert tokenizer.vocab_size == hf.get_vocab_size()
+    documents = documents_of(stream_of(corpus.train), tokenizer.eos_id)
+    assert sorted(documents) == sorted(hf.encode(t).ids for t in expected)
+    assert sorted(tokenizer.decode(d) for d in documents) == sorted(expected)
+    # Bits per byte: the same cross-entropy in bits, over bytes instead of tokens.
+    stats = corpus.stats["train"]
+    assert stats["bytes"] == sum(len(t.encode()) for t in expected)
+    assert corpus.bytes_per_token == stats["bytes"] / stats["tokens"] > 1.0  # BPE merges bytes
+    nats = 2.0
+    bits = nats * stats["tokens"] / math.log(2)
+    assert corpus.bits_per_byte(nats) == pytest.approx(bits / stats["bytes"], rel=1e-12)
+
+    # A tokenizer without any end-of-text token gets one added.
+    plain = Tokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    plain.save(str(tmp_path / "plain.json"))
+    tokenizer = make_tokenizer(str(tmp_path / "plain.json"))
+    assert (tokenizer.eos_id, tokenizer.vocab_size) == (3, 4)
+
+
+def test_stdlib_default_is_python_source_and_split_is_stable(tmp_path):
+    config = DataConfig(
+        seq_len=64, max_documents=12, validation_fraction=0.3, cache_dir=str(tmp_path)
+    )
+    corpus = load(config)
+    train, validation = texts_of(corpus.train), texts_of(corpus.validation)
+    assert len(train) + len(validation) == 12 and train and validation
+    for text in train + validation:
+        compile(text, "<stdlib>", "exec")  # whole source files
+    assert corpus.bytes_per_token == pytest.approx(1.0, abs=1e-3)  # bytes, plus one EOS per file
+    # A file's split is a hash of its path: more files move none of the first twelve.
+    bigger = load(replace(config, max_documents=20))
+    assert set(train) <= set(texts_of(bigger.train))
+    assert set(validation) <= set(texts_of(bigger.validation))
+    assert len(texts_of(bigger.train)) + len(texts_of(bigger.validation)) == 20
+
+
+def test_num_proc_gives_the_same_stream(tmp_path, corpus_folder):
+    folder, _ = corpus_folder
+    streams = []
+    for num_proc in (1, 2):
+        config = files_config(
+            tmp_path / str(num_proc), folder, text_field="content", num_proc=num_proc
+        )
+        corpus = load(config)
+        streams.append((stream_of(corpus.train), stream_of(corpus.validation)))
+    for a, b in zip(*streams, strict=True):
+        assert np.array_equal(a, b)
+
+
+@pytest.fixture(scope="module")
+def stdlib_corpus(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    return load(DataConfig(**SMALL_STDLIB, cache_dir=str(cache)))
+
+
+def test_sampler_shards_data_parallel_ranks_within_an_epoch(stdlib_corpus):
+    train = stdlib_corpus.train
+    dp_size, grad_accum, micro = 4, 2, 3
+    per_step = dp_size * grad_accum * micro
+    steps = len(train) // per_step
+    seen = []
+    for step in range(steps):
+        for micro_step in range(grad_accum):
+            for rank in range(dp_size):
+                seen.append(train.indices_for(step, micro_step, rank, dp_size, micro, grad_accum))
+    seen = np.concatenate(seen)
+    assert len(set(seen.tolist())) == len(seen) == steps * per_step  # disjoint rows
+    # An epoch is a permutation of all rows; step s takes positions [s*B, (s+1)*B) of it.
+    assert np.array_equal(np.sort(train.permutation(0)), np.arange(len(train)))
+    batch = train.batch_for(1, 1, 2, dp_size, micro, grad_accum)
+    position = ((1 * grad_accum + 1) * dp_size + 2) * micro
+    expected = train.rows(train.permutation(0)[position : position + micro])
+    assert all(torch.equal(batch[k], expected[k]) for k in ("input_ids", "labels"))
+
+
+def test_sampler_step_reads_the_same_rows_however_it_is_split(stdlib_corpus):
+    """DP x micro-batch x accumulation splits of one global batch read the same rows per step,
+    which is what makes DP = 2 match one process with twice the micro-batch."""
+    train = stdlib_corpus.train
+    for step in (0, 5, len(train) // 8 + 3):  # the last crosses into the next epoch
+        splits = [(1, 1, 8), (2, 1, 4), (1, 2, 4), (2, 2, 2), (4, 2, 1)]  # dp, accum, micro
+        sets = [
+            sorted(
+                np.concatenate(
+                    [
+                        train.indices_for(step, k, r, dp, micro, accum)
+                        for k in range(accum)
+                        for r in range(dp)
+                    ]
+                ).tolist()
+            )
+            for dp, accum, micro in splits
+        ]
+        assert all(s == sets[0] for s in sets)
+
+
+def test_sampler_wraps_epochs_with_a_fresh_shuffle(stdlib_corpus):
+    train = stdlib_corpus.train
+    rows = len(train)
+    assert rows > 20
+    micro = 7
+    positions, indices = [], []
+    for step in range(2 * rows // micro + 2):
+        indices.append(train.indices_for(step, 0, 0, 1, micro, 1))
+        positions.append(step * micro + np.arange(micro))
+    positions, indices = np.concatenate(positions), np.concatenate(indices)
+    for epoch in (0, 1, 2):
+        in_epoch = positions // rows == epoch
+        expected = train.permutation(epoch)[positions[in_epoch] % rows]
+        assert np.array_equal(indices[in_epoch], expected)
+    assert np.array_equal(np.sort(train.permutation(1)), np.arange(rows))
+    assert not np.array_equal(train.permutation(0), train.permutation(1))
+
+
+def test_same_seed_same_rows_other_seed_other_rows(tmp_path, stdlib_corpus):
+    config = DataConfig(**SMALL_STDLIB, cache_dir=str(tmp_path / "again"))
+    again = load(config)  # rebuilt from scratch in a fresh cache
+    assert not again.from_cache
+    assert np.array_equal(stream_of(again.train), stream_of(stdlib_corpus.train))
+    for step in (0, 3, 40):
+        a = again.train.batch_for(step, 1, 1, 2, 4, 2)
+        b = stdlib_corpus.train.batch_for(step, 1, 1, 2, 4, 2)
+        assert torch.equal(a["input_ids"], b["input_ids"])
+    other = load(replace(config, shuffle_seed=1))
+    assert not np.array_equal(other.train.permutation(0), again.train.permutation(0))
+    assert sorted(texts_of(other.train)) == sorted(texts_of(again.train))  # same documents
+
+
+def test_validation_rows_at_several_context_lengths(stdlib_corpus):
+    validation = stdlib_corpus.validation
+    stream = torch.from_numpy(stream_of(validation))
+    for seq_len, max_rows in ((16, 5), (64, 3), (len(stream) - 1, None)):
+        rows = stdlib_corpus.validation_rows(seq_len, max_rows)
+        count = rows["input_ids"].shape[0]
+        available = (len(stream) - 1) // seq_len
+        assert count == (available if max_rows is None else min(max_rows, available))
+        assert rows["input_ids"].shape == rows["labels"].shape == (count, seq_len)
+        assert torch.equal(rows["input_ids"].flatten(), stream[: count * seq_len])
+        assert torch.equal(rows["labels"].flatten(), stream[1 : count * seq_len + 1])
+    with pytest.raises(ValueError, match=f"seq_len \\+ 1 = {len(stream) + 1}"):
+        stdlib_corpus.validation_rows(len(stream))
+
+
+def cache_listing(folder: Path) -> dict[str, int]:
+    return {str(p): p.stat().st_mtime_ns for p in folder.rglob("*")}
+
+
+def test_cache_is_reused_and_keyed_by_the_files(tmp_path, corpus_folder):
+    folder, _ = corpus_folder
+    config = files_config(tmp_path, folder, text_field="content")
+    first = load(config)
+    assert not first.from_cache
+    listing = cache_listing(tmp_path / "cache")
+    second = load(config)
+    assert second.from_cache and second.path == first.path
+    assert cache_listing(tmp_path / "cache") == listing  # nothing read, tokenised or written
+    assert np.array_equal(stream_of(second.train), stream_of(first.train))
+    # seq_len is not part of the key: the cached tokens are packed at load time.
+    longer = load(replace(config, seq_len=32))
+    assert longer.from_cache and len(longer.train) == (len(first.train.stream) - 1) // 32
+    assert prepare(config) == first.path
+    # A changed file (its mtime) is a new corpus.
+    text = folder / "a.txt"
+    os.utime(text, ns=(text.stat().st_atime_ns, text.stat().st_mtime_ns + 10**9))
+    assert not load(config).from_cache
+    assert not list((tmp_path / "cache").glob(".building-*"))
+
+
+def test_default_cache_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = prepare(DataConfig(seq_len=8, max_documents=4, validation_fraction=0.5))
+    assert path.parent == tmp_path / "longnet" / "data"
+    assert load(DataConfig(seq_len=8, max_documents=4, validation_fraction=0.5)).from_cache
+
+
+def test_concurrent_prepare(tmp_path, corpus_folder):
+    folder, _ = corpus_folder
+    config = files_config(tmp_path, folder, text_field="content")
+    script = (
+        "import sys; from longnet.launch.data import DataConfig, prepare; "
+        f"print(prepare(DataConfig(source='files', path={str(folder)!r}, text_field='content', "
+        f"cache_dir={config.cache_dir!r}, seq_len=16, validation_fraction=0.3)))"
+    )
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=env)
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=120)[0].decode().strip() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert outputs[0] == outputs[1]
+    corpus = load(config)
+    assert corpus.from_cache and str(corpus.path) == outputs[0]
+    assert not list(Path(config.cache_dir).glob(".building-*"))
+
+
+@pytest.mark.parametrize(
+    "values, match",
+    [
+        (dict(source="web"), "data.source .* 'web'"),
+        (dict(source="files"), "data.path is required"),
+        (dict(source="hub"), "data.hub_name is required"),
+        (dict(seq_len=0), "data.seq_len .* 0"),
+        (dict(seq_len=True), "data.seq_len .* True"),
+        (dict(validation_fraction=1.0), "data.validation_fraction .* 1.0"),
+        (dict(validation_fraction="x"), "data.validation_fraction .* 'x'"),
+        (dict(num_proc=0), "data.num_proc .* 0"),
+        (dict(max_documents=-1), "data.max_documents .* -1"),
+        (dict(shuffle_seed=-2), "data.shuffle_seed .* -2"),
+        (dict(tokenizer=""), "data.tokenizer must be a non-empty string"),
+        (dict(tokenizer="tiktoken:"), "needs an encoding name"),
+        (dict(text_field=""), "data.text_field"),
+    ],
+)
+def test_bad_config_values(values, match):
+    with pytest.raises(ValueError, match=match):
+        DataConfig(**values)
+
+
+def assert_fails_before_any_work(config: DataConfig, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        check(config)
+    with pytest.raises(ValueError, match=match):
+        load(config)
+    assert not Path(config.cache_dir).exists()
+
+
+def test_bad_paths_and_tokenizers_fail_before_any_work(tmp_path):
+    missing = tmp_path / "missing"
+    assert_fails_before_any_work(files_config(tmp_path, missing), f"data.path '{missing}' does not")
+    (tmp_path / "empty").mkdir()
+    assert_fails_before_any_work(files_config(tmp_path, tmp_path / "empty"), "empty folder")
+    (tmp_path / "mixed").mkdir()
+    (tmp_path / "mixed" / "ok.txt").write_text("fine")
+    (tmp_path / "mixed" / "table.csv").write_text("a,b\n1,2\n")
+    assert_fails_before_any_work(files_config(tmp_path, tmp_path / "mixed"), "table.csv")
+    single = tmp_path / "mixed" / "table.csv"
+    assert_fails_before_any_work(files_config(tmp_path, single), "unsupported file type")
+    text = tmp_path / "mixed" / "ok.txt"
+    for tokenizer in ("gpt2-does-not-exist", str(tmp_path / "nope.json")):
+        config = files_config(tmp_path, text, tokenizer=tokenizer)
+        assert_fails_before_any_work(config, f"unknown data.tokenizer '{tokenizer}'")
+    config = files_config(tmp_path, text, tokenizer="tiktoken:no-such-encoding")
+    assert_fails_before_any_work(config, "'no-such-encoding'")
+    (tmp_path / "broken.json").write_text("{not a tokenizer")
+    config = files_config(tmp_path, text, tokenizer=str(tmp_path / "broken.json"))
+    assert_fails_before_any_work(config, "not a valid tokenizer.json")
+
+
+def assert_fails_leaving_no_cache(config: DataConfig, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        load(config)
+    # Only the `datasets` reader cache (hf/) may exist: no corpus, no half-built folder.
+    cache = Path(config.cache_dir)
+    assert [p.name for p in cache.iterdir() if p.name != "hf"] == []
+
+
+def test_unreadable_files_and_empty_corpora(tmp_path):
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"text": "fine"}\n{not json\n')
+    assert_fails_leaving_no_cache(files_config(tmp_path, bad_json), "cannot read the json files")
+    bad_parquet = tmp_path / "bad.parquet"
+    bad_parquet.write_bytes(b"not a parquet file")
+    config = files_config(tmp_path, bad_parquet)
+    assert_fails_leaving_no_cache(config, "cannot read the parquet files")
+    records = tmp_path / "records.jsonl"
+    write_jsonl(records, [{"body": "text under another name", "n": 1}])
+    assert_fails_leaving_no_cache(files_config(tmp_path, records), "data.text_field 'text'")
+    assert_fails_leaving_no_cache(
+        files_config(tmp_path, records, text_field="n"), "data.text_field 'n' .* not text"
+    )
+    (tmp_path / "blank").mkdir()
+    (tmp_path / "blank" / "a.txt").write_text("")
+    write_jsonl(tmp_path / "blank" / "b.jsonl", [{"text": ""}, {"text": None}])
+    assert_fails_leaving_no_cache(files_config(tmp_path, tmp_path / "blank"), "empty corpus")
+    one = tmp_path / "one.txt"
+    one.write_text("a single document cannot be split into train and validation")
+    assert_fails_leaving_no_cache(files_config(tmp_path, one), "split of 1 documents is empty")
+    config = files_config(tmp_path, one, validation_fraction=0.0, seq_len=1000)
+    tokens = len(one.read_bytes()) + 1
+    with pytest.raises(ValueError, match=f"train split has {tokens} tokens, fewer than seq_len"):
+        load(config)
+    # Many short documents: the validation share is shorter than one row.
+    many = tmp_path / "many.jsonl"
+    write_jsonl(many, [{"text": f"doc{i:03d}"} for i in range(200)])
+    with pytest.raises(ValueError, match="validation split has .* fewer than seq_len \\+ 1 = 201"):
+        load(files_config(tmp_path, many, seq_len=200, validation_fraction=0.05))
