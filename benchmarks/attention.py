@@ -14,6 +14,7 @@ this process (VmHWM, reset before each run) above the resident size at the start
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import time
@@ -68,6 +69,12 @@ class PeakMemory:
                 return int(line.split()[1]) * 1024
         raise RuntimeError(f"{field} not in /proc/self/status")
 
+    @staticmethod
+    def return_freed_memory_to_os() -> None:
+        """Make glibc mmap every large block, so freeing it lowers the resident size."""
+        m_mmap_threshold = -3
+        ctypes.CDLL("libc.so.6").mallopt(m_mmap_threshold, 1 << 16)
+
     def __enter__(self):
         gc.collect()
         if self.device.type == "cuda":
@@ -87,11 +94,12 @@ class PeakMemory:
             self.peak = self._status("VmHWM:") - self.start
 
 
-def measure(fn, device: torch.device, repeats: int) -> tuple[float, int]:
-    """(best seconds, peak bytes) of fn()."""
+def measure(fn, reset, device: torch.device, repeats: int) -> tuple[float, int]:
+    """(best seconds, peak bytes) of fn(), each run after reset() (which frees its results)."""
     fn()  # warm-up: plan caches, kernel selection, allocator
     best, peak = float("inf"), 0
     for _ in range(repeats):
+        reset()
         with PeakMemory(device) as memory:
             start = time.perf_counter()
             fn()
@@ -109,9 +117,9 @@ def attended_pairs(args, seq_len: int) -> tuple[int, int]:
     dilated = 0
     for w, r in zip(args.segment_lengths, args.dilation_rates, strict=True):
         for block in pattern_blocks(seq_len, w, r, args.heads, args.heads, torch.device("cpu")):
-            kept = block.positions.shape[1]
+            kept = block.count
             per_segment = kept * (kept + 1) // 2 if causal else kept * kept
-            dilated += block.num_segments * block.heads.shape[0] * per_segment
+            dilated += block.num_segments * block.num_heads * per_segment
     return dense, dilated
 
 
@@ -141,11 +149,13 @@ def run_case(args, seq_len: int, dense: bool) -> dict:
             attend()
 
     def forward_backward():
-        q.grad = k.grad = v.grad = None
         attend().backward(grad)
 
-    fwd_s, fwd_mem = measure(forward, device, args.repeats)
-    fb_s, fb_mem = measure(forward_backward, device, args.repeats)
+    def reset():
+        q.grad = k.grad = v.grad = None
+
+    fwd_s, fwd_mem = measure(forward, reset, device, args.repeats)
+    fb_s, fb_mem = measure(forward_backward, reset, device, args.repeats)
     return {
         "fwd_s": fwd_s,
         "fwd_peak_bytes": fwd_mem,
@@ -156,6 +166,8 @@ def run_case(args, seq_len: int, dense: bool) -> dict:
 
 def main() -> None:
     args = parse_args()
+    if torch.device(args.device).type == "cpu":
+        PeakMemory.return_freed_memory_to_os()
     torch.manual_seed(0)
     rows, dense_on = [], True
     header = (

@@ -31,6 +31,7 @@ data_parallel x sequence_parallel and builds the groups.
 from longnet.distributed.grid import ParallelDims, ProcessGrid
 from longnet.distributed.sequence_parallel import (
     Communication,
+    check_layout,
     last_communication,
     sequence_parallel_dilated_attention,
     shard_sequence,
@@ -38,6 +39,7 @@ from longnet.distributed.sequence_parallel import (
 
 __all__ = [
     "Communication",
+    "check_layout",
     "ParallelDims",
     "ProcessGrid",
     "last_communication",

@@ -32,6 +32,7 @@ from longnet.dilated import (
     dilated_attention,
     merge_block,
     pattern_blocks,
+    resolve_softmax_scale,
 )
 from longnet.kernels import (
     accumulation_dtype,
@@ -107,6 +108,9 @@ def _effective_segment_lengths(patterns, shard_len: int, world: int) -> tuple[in
     lengths = []
     for w, r in patterns:
         length = min(w, seq_len)
+        if world == 1:  # one device takes any length (the last segment may be short)
+            lengths.append(length)
+            continue
         if length <= shard_len and shard_len % length:
             raise ValueError(
                 f"pattern (segment_length={w}, dilation_rate={r}) cannot run on {world} ranks of "
@@ -340,6 +344,18 @@ def _group_size_and_rank(group) -> tuple[int, int]:
     return dist.get_world_size(group), rank
 
 
+def check_layout(segment_lengths, dilation_rates, seq_len: int, world: int) -> None:
+    """ValueError unless a sequence of seq_len tokens splits over `world` ranks for these
+    patterns (checked before any process group exists)."""
+    if seq_len % world:
+        raise ValueError(
+            f"sequence length {seq_len} is not divisible by the {world} sequence-parallel ranks"
+        )
+    _effective_segment_lengths(
+        check_patterns(segment_lengths, dilation_rates), seq_len // world, world
+    )
+
+
 def shard_sequence(x: torch.Tensor, group=None, dim: int = 1) -> torch.Tensor:
     """This rank's contiguous slice of x along dim (the sequence) over the ranks of group."""
     world, rank = _group_size_and_rank(group)
@@ -390,10 +406,7 @@ def sequence_parallel_dilated_attention(
             softmax_scale=softmax_scale,
             backend=backend,
         )
-    if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
-    elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
-        raise ValueError(f"softmax_scale must be a number, got {softmax_scale!r}")
+    softmax_scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
     queries = q.transpose(1, 2)  # (b, h, L, d): what the kernels see, for the backend check
     kernel = resolve_backend(backend, queries, queries, queries, causal)
     rates = [r for _, r in patterns]

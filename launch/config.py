@@ -15,6 +15,7 @@ heavy work. The resolved tree is saved with the run (config.yaml in run.output_d
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 import typing
@@ -212,7 +213,11 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     path = key.strip().split(".")
     if not all(path):
         raise ValueError(f"override {item!r}: empty key segment in {key!r}")
-    return path, yaml.safe_load(text) if text.strip() else ""
+    value = yaml.safe_load(text) if text.strip() else ""
+    if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+        with contextlib.suppress(ValueError):
+            value = float(value)
+    return path, value
 
 
 def _set(tree: dict, path: list[str], value: Any, item: str) -> None:

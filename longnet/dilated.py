@@ -115,11 +115,19 @@ class Block:
         else:
             self.select(total).add_(value)
 
-    def add_kv(self, total: torch.Tensor, part: torch.Tensor) -> None:
-        """total (b, n, g, d) += part (b*m, hb, c, d), summing query heads that share a kv head."""
-        kept = self.segments(total)[:, :, self.offset :: self.rate]  # (b, m, c, g, d)
-        value = self.unfold(part, total.shape[0]).to(total.dtype)
-        kept.index_add_(3, self.kv_heads, value)
+    def add_kv(self, total: torch.Tensor, part: torch.Tensor, first: bool = False) -> None:
+        """total (b, n, g, d) += part (b*m, hb, c, d), summing query heads that share a kv head.
+
+        `first`: nothing was added at these positions yet.
+        """
+        value = self.unfold(part, total.shape[0])
+        if not self.kv_step:  # several query heads per kv head: accumulate
+            kept = self.segments(total)[:, :, self.offset :: self.rate]  # (b, m, c, g, d)
+            kept.index_add_(3, self.kv_heads, value.to(total.dtype))
+        elif first:
+            self.select_kv(total).copy_(value)
+        else:
+            self.select_kv(total).add_(value)
 
 
 # Most (query, head) pairs one attention call handles per batch element.
@@ -148,6 +156,7 @@ def pattern_blocks(
             block_heads = torch.arange(offset, heads, r, device=device)
             block_kv_heads = block_heads // group_size
             steps = set(block_kv_heads.diff().tolist()) or {1}
+            kv_step = steps.pop() if len(steps) == 1 else None
             # Bound the gathered copies of one call, so memory stays linear in seq_len.
             per_call = max(1, MAX_BLOCK_QUERIES // (count * len(block_heads)))
             for first in range(0, num_segments, per_call):
@@ -159,7 +168,7 @@ def pattern_blocks(
                         offset=offset,
                         rate=r,
                         kv_heads=block_kv_heads,
-                        kv_step=steps.pop() if len(steps) == 1 else None,
+                        kv_step=kv_step,
                     )
                 )
     return tuple(blocks)
@@ -269,11 +278,12 @@ class _DilatedAttentionFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
         acc, calls = lse.dtype, ctx.calls
-        grad_q = (torch.empty if calls[0][0][0].rate == 1 else torch.zeros)(
-            q.shape, dtype=acc, device=q.device
-        )
-        grad_k = torch.zeros(k.shape, dtype=acc, device=k.device)  # (b, n, g, d)
-        grad_v = torch.zeros(v.shape, dtype=acc, device=v.device)
+        # With r = 1 in some pattern (sorted first), its blocks write every position.
+        covers_all = calls[0][0][0].rate == 1
+        grad_q = (torch.empty if covers_all else torch.zeros)(q.shape, dtype=acc, device=q.device)
+        new_kv = torch.empty if covers_all and k.shape[2] == q.shape[2] else torch.zeros
+        grad_k = new_kv(k.shape, dtype=acc, device=k.device)  # (b, n, g, d)
+        grad_v = new_kv(v.shape, dtype=acc, device=v.device)
         for index, pattern in enumerate(calls):
             for call in pattern:
                 grads = attention_backward(
@@ -291,8 +301,8 @@ class _DilatedAttentionFunction(torch.autograd.Function):
                     call, *map(partial(split_call, call), grads), strict=True
                 ):
                     block.add(grad_q, dq, first=index == 0)
-                    block.add_kv(grad_k, dk)
-                    block.add_kv(grad_v, dv)
+                    block.add_kv(grad_k, dk, first=index == 0)
+                    block.add_kv(grad_v, dv, first=index == 0)
         return (grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None, None, None, None)
 
 
@@ -357,6 +367,15 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         )
 
 
+def resolve_softmax_scale(softmax_scale, head_dim: int) -> float:
+    """The scale of the scores: 1/sqrt(head_dim) by default; ValueError for a non-number."""
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+        raise ValueError(f"softmax_scale must be a number, got {softmax_scale!r}")
+    return float(softmax_scale)
+
+
 def dilated_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -377,10 +396,7 @@ def dilated_attention(
     """
     patterns = check_patterns(segment_lengths, dilation_rates)
     check_qkv(q, k, v)
-    if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
-    elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
-        raise ValueError(f"softmax_scale must be a number, got {softmax_scale!r}")
+    softmax_scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
     queries = q.transpose(1, 2)  # (b, h, n, d): what the kernels see, for the backend check
     kernel = resolve_backend(backend, queries, queries, queries, causal)
     return _DilatedAttentionFunction.apply(

@@ -1,0 +1,433 @@
+"""The LongNet trainer: DeepSpeed (ZeRO, mixed precision) over a data x sequence parallel grid.
+
+    world = data_parallel x sequence_parallel. The ranks of one sequence-parallel group read the
+    same rows and each keeps its slice of the sequence (positions offset accordingly); their
+    attention layers exchange sparse keys and values (longnet.distributed). Parameters are
+    replicated: DeepSpeed all-reduces gradients and shards ZeRO states over the whole world and,
+    told the SP groups through `mpu`, divides by the data-parallel degree only, so each rank's
+    loss is its slice's loss SUM over the token count of its whole sequence group. The loss is
+    then the token-weighted mean of the global batch, whatever the split into DP and SP.
+
+Runs the same under `deepspeed`, `torchrun` and plain `python` (one process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import math
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from longnet import LongNetLM
+from longnet.distributed import ParallelDims, check_layout, sequence_parallel_dilated_attention
+from longnet.launch import checkpoint, data
+from longnet.launch.config import Config, load_config, save_config
+from longnet.launch.metrics import MetricsLogger
+from longnet.model import IGNORE_INDEX
+
+
+class SequenceDataParallelMPU:
+    """The `mpu` DeepSpeed asks for sequence parallelism (the Ulysses interface): gradients are
+    reduced over the whole world and divided by the data-parallel degree, ZeRO shards over the
+    world, and batch sizes count data-parallel ranks only."""
+
+    def __init__(self, grid):
+        self.grid = grid
+        # No tensor parallelism: each rank is its own model-parallel group (gradient norms are
+        # reduced over it). new_group is collective: every rank creates every group, in order.
+        world = torch.distributed.get_world_size()
+        groups = [torch.distributed.new_group([rank]) for rank in range(world)]
+        self.model_parallel_group = groups[grid.rank]
+
+    def get_model_parallel_group(self):
+        return self.model_parallel_group
+
+    def get_model_parallel_world_size(self):
+        return 1
+
+    def get_model_parallel_rank(self):
+        return 0
+
+    def initialize_sequence_parallel(self, *args):  # marks this as a sequence-parallel mpu
+        raise RuntimeError("the process grid is built by longnet.distributed.ParallelDims")
+
+    def get_sequence_parallel_group(self):
+        return self.grid.sp_group
+
+    def get_sequence_parallel_world_size(self):
+        return self.grid.dims.sequence_parallel
+
+    def get_sequence_parallel_rank(self):
+        return self.grid.sp_rank
+
+    def get_sequence_data_parallel_group(self):
+        return torch.distributed.group.WORLD
+
+    def get_sequence_data_parallel_world_size(self):
+        return self.grid.dims.world_size
+
+    def get_sequence_data_parallel_rank(self):
+        return self.grid.rank
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def validate(config: Config, world_size: int) -> None:
+    """Everything that can be checked before processes talk: ValueError naming the bad key."""
+    sp = config.parallel.sequence_parallel_size
+    if world_size % sp:
+        raise ValueError(
+            f"parallel.sequence_parallel_size={sp} does not divide the world size {world_size}"
+        )
+    model = config.model.build()
+    for key, seq_len in [("data.seq_len", config.data.seq_len)] + [
+        ("train.eval_seq_lens", n) for n in config.train.eval_seq_lens
+    ]:
+        try:
+            check_layout(model.segment_lengths, model.dilation_rates, seq_len, sp)
+        except ValueError as error:
+            raise ValueError(f"{key}={seq_len} cannot be split: {error}") from None
+    ds = config.deepspeed
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        value = ds.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"deepspeed.{key} must be a positive integer, got {value!r}")
+    fp16 = ds.get("fp16", {}).get("enabled", False)
+    if fp16 and not torch.cuda.is_available():
+        raise ValueError("deepspeed.fp16.enabled=true needs CUDA; on CPU use deepspeed.bf16")
+    if fp16 and ds.get("bf16", {}).get("enabled", False):
+        raise ValueError("deepspeed.fp16.enabled and deepspeed.bf16.enabled are both true")
+    data.check(config.data)
+    tokenizer = data.make_tokenizer(config.data.tokenizer)
+    if tokenizer.vocab_size > model.vocab_size:
+        raise ValueError(
+            f"model.vocab_size={model.vocab_size} is smaller than the tokenizer's "
+            f"{tokenizer.vocab_size} ({config.data.tokenizer})"
+        )
+    output_dir = Path(config.run.output_dir)
+    steps = checkpoint.complete_steps(checkpoint.checkpoint_dir(output_dir))
+    if steps and config.checkpoint.resume == "none":
+        raise ValueError(
+            f"run.output_dir={str(output_dir)!r} already holds checkpoints (up to step "
+            f"{steps[-1]}); resume it with checkpoint.resume=auto or choose another output_dir"
+        )
+    resume = checkpoint.resolve_resume(config.checkpoint.resume, output_dir)
+    saved = output_dir / "config.yaml"
+    if resume is not None and saved.is_file():
+        previous = load_config(saved)
+        if previous.model != config.model or previous.data.seq_len != config.data.seq_len:
+            raise ValueError(
+                f"run.output_dir={str(output_dir)!r} was trained with model "
+                f"{previous.model} and data.seq_len={previous.data.seq_len}; this config has "
+                f"{config.model} and {config.data.seq_len}: choose another output_dir"
+            )
+
+
+def deepspeed_config(config: Config, data_parallel: int) -> dict:
+    """The deepspeed section, completed: batch size and the schedule's length."""
+    ds = copy.deepcopy(config.deepspeed)
+    micro = ds.setdefault("train_micro_batch_size_per_gpu", 1)
+    accumulation = ds.setdefault("gradient_accumulation_steps", 1)
+    expected = micro * accumulation * data_parallel
+    if ds.setdefault("train_batch_size", expected) != expected:
+        raise ValueError(
+            f"deepspeed.train_batch_size={ds['train_batch_size']} must equal "
+            f"train_micro_batch_size_per_gpu x gradient_accumulation_steps x data-parallel ranks "
+            f"= {micro} x {accumulation} x {data_parallel} = {expected}"
+        )
+    scheduler = ds.get("scheduler", {})
+    if scheduler.get("type") == "WarmupDecayLR":
+        scheduler.setdefault("params", {}).setdefault("total_num_steps", config.train.steps)
+    ds.setdefault("steps_per_print", 10**9)  # the trainer logs; DeepSpeed stays quiet
+    return ds
+
+
+def _init_distributed() -> None:
+    import deepspeed
+
+    if "RANK" not in os.environ:  # plain `python`: a world of one
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        os.environ.update(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        )
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is not None:
+        # NOTE: torchrun --max-restarts reuses its store across restarts (torch 2.13), so a
+        # restarted group would read the dead group's gloo addresses and hang or fail; keys
+        # prefixed per restart keep the attempts apart.
+        from deepspeed.accelerator import get_accelerator
+
+        store, rank, world = next(torch.distributed.rendezvous("env://"))
+        torch.distributed.init_process_group(
+            get_accelerator().communication_backend_name(),
+            store=torch.distributed.PrefixStore(f"longnet/attempt_{restart}", store),
+            rank=rank,
+            world_size=world,
+        )
+    deepspeed.init_distributed(verbose=False)  # adopts an initialised process group
+
+
+class Trainer:
+    def __init__(self, config: Config):
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+
+        self.config = config
+        world = _world_size()
+        _init_distributed()
+        dist = torch.distributed
+        sp = config.parallel.sequence_parallel_size
+        self.grid = ParallelDims(world // sp, sp, world).build()
+        self.rank0 = self.grid.rank == 0
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        accelerator = get_accelerator()
+        self.device = torch.device(accelerator.device_name(local_rank))
+        if self.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+            # The node's cores, shared by its ranks (torchrun sets OMP_NUM_THREADS itself).
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+        else:
+            accelerator.set_device(local_rank)
+
+        # The tokenised corpus: built once per node (caches are usually node-local), then read.
+        # A corpus found bad while reading stops every rank, before the run folder is touched.
+        error = None
+        if local_rank == 0:
+            try:
+                data.prepare(config.data)
+            except ValueError as exception:
+                error = exception
+        failed = torch.tensor([float(error is not None)], device=self.device)
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if failed.item():
+            raise error or ValueError("the corpus failed to build on another node (see there)")
+        self.corpus = data.load(config.data)
+        self.output_dir = Path(config.run.output_dir)
+        if self.rank0:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, self.output_dir / "config.yaml")
+
+        model_config = config.model.build()
+        attention_fn = functools.partial(
+            sequence_parallel_dilated_attention, group=self.grid.sp_group
+        )
+        torch.manual_seed(config.train.seed)  # the same initial weights on every rank
+        model = LongNetLM(model_config, attention_fn=attention_fn)
+        self.ds_config = deepspeed_config(config, self.grid.dims.data_parallel)
+        self.engine, *_ = deepspeed.initialize(
+            model=model,
+            model_parameters=model.parameters(),
+            config=self.ds_config,
+            mpu=SequenceDataParallelMPU(self.grid) if sp > 1 else None,
+        )
+        self.shard_len = config.data.seq_len // sp
+
+        self.step = 0
+        resume = checkpoint.resolve_resume(config.checkpoint.resume, self.output_dir)
+        if resume is not None:
+            directory, tag = resume
+            _, client = self.engine.load_checkpoint(str(directory), tag=tag)
+            self.step = client["step"]
+        self.metrics = MetricsLogger(config, self.step, config.train.steps, self.rank0)
+        if self.rank0:
+            print(
+                f"LongNet {model.num_parameters() / 1e6:.2f}M parameters, world {world} = "
+                f"dp {self.grid.dims.data_parallel} x sp {sp}, device {self.device}, "
+                f"{f'resuming after step {self.step}' if self.step else 'starting'}",
+                file=sys.stderr,
+            )
+
+    # -- one micro-batch ------------------------------------------------------------------------
+
+    def _shard(self, rows: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """This rank's slice of (input_ids, labels) (b, n / sp) and its global start."""
+        width = rows["input_ids"].shape[1] // self.grid.dims.sequence_parallel
+        start = self.grid.sp_rank * width
+        tokens, labels = (
+            rows[key][:, start : start + width].to(self.device) for key in ("input_ids", "labels")
+        )
+        return tokens, labels, start
+
+    def _loss(self, rows: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss to backpropagate, this slice's loss sum, its token count), see module notes."""
+        tokens, labels, start = self._shard(rows)
+        out = self.engine(tokens, labels=labels, position_offset=start)
+        group_tokens = out.num_tokens.detach().clone()
+        torch.distributed.all_reduce(group_tokens, group=self.grid.sp_group)
+        loss = out.loss_sum / group_tokens.clamp(min=1)
+        return loss, out.loss_sum.detach(), out.num_tokens.detach()
+
+    def _global_mean(self, loss_sum: torch.Tensor, tokens: torch.Tensor) -> tuple[float, int]:
+        """(mean loss per token, tokens) over the whole world's slices."""
+        totals = torch.stack([loss_sum.double(), tokens.double()])
+        torch.distributed.all_reduce(totals)
+        return (totals[0] / totals[1].clamp(min=1)).item(), int(totals[1].item())
+
+    # -- training -------------------------------------------------------------------------------
+
+    def train_step(self) -> float:
+        """One optimizer step (gradient_accumulation_steps micro-batches); the global loss."""
+        ds, grid = self.ds_config, self.grid
+        # Dropout's randomness is a function of (seed, step, rank): resuming replays it exactly.
+        torch.manual_seed(hash((self.config.train.seed, self.step, grid.rank)) % 2**63)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        tokens = torch.zeros((), dtype=torch.float64, device=self.device)
+        for micro_step in range(ds["gradient_accumulation_steps"]):
+            rows = self.corpus.train.batch_for(
+                self.step,
+                micro_step,
+                grid.dp_rank,
+                grid.dims.data_parallel,
+                ds["train_micro_batch_size_per_gpu"],
+                ds["gradient_accumulation_steps"],
+            )
+            loss, part_sum, part_tokens = self._loss(rows)
+            self.engine.backward(loss)
+            self.engine.step()
+            loss_sum += part_sum
+            tokens += part_tokens
+        return self._global_mean(loss_sum, tokens)[0]
+
+    @torch.no_grad()
+    def evaluate(self) -> None:
+        """Validation loss, perplexity and bits per byte at data.seq_len and train.eval_seq_lens,
+        each over the same token budget."""
+        if self.corpus.validation is None:
+            return
+        self.engine.eval()
+        grid, micro = self.grid, self.ds_config["train_micro_batch_size_per_gpu"]
+        budget = self.config.train.eval_batches * micro * grid.dims.data_parallel
+        budget *= self.config.data.seq_len
+        for seq_len in sorted({self.config.data.seq_len, *self.config.train.eval_seq_lens}):
+            rows = self.corpus.validation_rows(seq_len, max_rows=max(1, budget // seq_len))
+            mine = {k: v[grid.dp_rank :: grid.dims.data_parallel] for k, v in rows.items()}
+            # Every rank runs the same number of forwards (ZeRO-3 gathers parameters in them):
+            # ranks short of rows pad with rows whose labels are all ignored.
+            batches = math.ceil(math.ceil(len(rows["labels"]) / grid.dims.data_parallel) / micro)
+            loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+            tokens = torch.zeros((), dtype=torch.float64, device=self.device)
+            for index in range(batches):
+                batch = {k: v[index * micro : (index + 1) * micro] for k, v in mine.items()}
+                missing = micro - len(batch["labels"])
+                if missing:
+                    pad = torch.zeros(missing, seq_len, dtype=torch.long)
+                    batch = {
+                        "input_ids": torch.cat([batch["input_ids"], pad]),
+                        "labels": torch.cat([batch["labels"], pad.fill_(IGNORE_INDEX)]),
+                    }
+                _, part_sum, part_tokens = self._loss(batch)
+                loss_sum += part_sum
+                tokens += part_tokens
+            loss, total_tokens = self._global_mean(loss_sum, tokens)
+            self.metrics.log(
+                {
+                    "step": self.step,
+                    "eval": True,
+                    "seq_len": seq_len,
+                    "loss": loss,
+                    "perplexity": math.exp(min(loss, 700.0)),
+                    "bits_per_byte": self.corpus.bits_per_byte(loss),
+                    "tokens": total_tokens,
+                }
+            )
+        self.engine.train()
+
+    def save(self) -> None:
+        directory = checkpoint.checkpoint_dir(self.output_dir)
+        self.engine.save_checkpoint(
+            str(directory),
+            tag=checkpoint.tag(self.step),
+            client_state={"step": self.step},
+            save_latest=False,
+        )
+        torch.distributed.barrier()  # every rank's files are on disk
+        if self.rank0:
+            checkpoint.mark_complete(directory, self.step, self.config.checkpoint.keep)
+        torch.distributed.barrier()
+
+    def fit(self) -> None:
+        train, ds = self.config.train, self.ds_config
+        tokens_per_step = (
+            self.grid.dims.data_parallel
+            * ds["train_micro_batch_size_per_gpu"]
+            * ds["gradient_accumulation_steps"]
+            * self.config.data.seq_len
+        )
+        interval = self.config.checkpoint.interval
+        last_log, last_time = self.step, time.perf_counter()
+        while self.step < train.steps:
+            loss = self.train_step()
+            self.step += 1
+            self.metrics.advance()
+            if self.step % train.log_interval == 0 or self.step == train.steps:
+                now = time.perf_counter()
+                grad_norm = self.engine.get_global_grad_norm()
+                self.metrics.log(
+                    {
+                        "step": self.step,
+                        "loss": loss,
+                        "lr": self.engine.get_lr()[0],
+                        "grad_norm": None if grad_norm is None else float(grad_norm),
+                        "tokens_per_s": tokens_per_step
+                        * (self.step - last_log)
+                        / (now - last_time),
+                        "tokens": tokens_per_step * self.step,
+                        "seq_len": self.config.data.seq_len,
+                        "dp": self.grid.dims.data_parallel,
+                        "sp": self.grid.dims.sequence_parallel,
+                    }
+                )
+                last_log, last_time = self.step, now
+            if train.eval_interval and self.step % train.eval_interval == 0:
+                self.evaluate()
+                last_time = time.perf_counter()
+            if interval and self.step % interval == 0:
+                self.save()
+                last_time = time.perf_counter()
+        if not train.eval_interval or self.step % train.eval_interval:
+            self.evaluate()
+        if not interval or self.step % interval:
+            self.save()
+        self.metrics.close()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Train a LongNet model: defaults < --config YAML < key=value overrides."
+    )
+    parser.add_argument("--config", help="a YAML file, e.g. configs/tiny-cpu.yaml")
+    parser.add_argument("--local_rank", type=int, help="set by the deepspeed launcher (unused)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=20")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+        validate(config, _world_size())
+    except ValueError as error:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        trainer = Trainer(config)
+    except ValueError as error:
+        if torch.distributed.get_rank() == 0:
+            print(f"error: {error}", file=sys.stderr)
+        torch.distributed.destroy_process_group()
+        sys.exit(2)  # Trainer raises ValueError only after the process group exists
+    trainer.fit()
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
