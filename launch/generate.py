@@ -9,6 +9,7 @@ the model and the tokenizer, and samples with the key/value cache of longnet.gen
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -48,7 +49,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {args.run} has no complete checkpoint")
     tag = args.checkpoint or checkpoint.tag(steps[-1])
     model = LongNetLM(config.model.build())
-    model.load_state_dict(load_weights(directory, tag))
+    with contextlib.redirect_stdout(sys.stderr):  # stdout holds only the sampled text
+        model.load_state_dict(load_weights(directory, tag))
     model.eval()
     tokenizer = make_tokenizer(config.data.tokenizer)
     torch.manual_seed(args.seed)
