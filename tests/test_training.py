@@ -218,10 +218,10 @@ def test_data_parallel_over_two_nodes_on_loopback(tmp_path, cache, baseline):
     _assert_same_curve(tmp_path, baseline)
 
 
-def test_zero_stage_3_matches_stage_1(tmp_path, cache, baseline):
-    _run(
-        _python("tiny-cpu.yaml", _overrides(tmp_path, cache, "deepspeed.zero_optimization.stage=3"))
-    )
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_stages_match_stage_1(tmp_path, cache, baseline, stage):
+    stage_override = f"deepspeed.zero_optimization.stage={stage}"
+    _run(_python("tiny-cpu.yaml", _overrides(tmp_path, cache, stage_override)))
     _assert_same_curve(tmp_path, baseline)
 
 
