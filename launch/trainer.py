@@ -26,7 +26,12 @@ from pathlib import Path
 import torch
 
 from longnet import LongNetLM
-from longnet.distributed import ParallelDims, check_layout, sequence_parallel_dilated_attention
+from longnet.distributed import (
+    ParallelDims,
+    check_layout,
+    sequence_parallel_dilated_attention,
+    shard_sequence,
+)
 from longnet.launch import checkpoint, data
 from longnet.launch.config import Config, load_config, save_config
 from longnet.launch.metrics import MetricsLogger
@@ -252,12 +257,11 @@ class Trainer:
 
     def _shard(self, rows: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
         """This rank's slice of (input_ids, labels) (b, n / sp) and its global start."""
-        width = rows["input_ids"].shape[1] // self.grid.dims.sequence_parallel
-        start = self.grid.sp_rank * width
         tokens, labels = (
-            rows[key][:, start : start + width].to(self.device) for key in ("input_ids", "labels")
+            shard_sequence(rows[key], self.grid.sp_group).to(self.device)
+            for key in ("input_ids", "labels")
         )
-        return tokens, labels, start
+        return tokens, labels, self.grid.sp_rank * tokens.shape[1]
 
     def _loss(self, rows: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(loss to backpropagate, this slice's loss sum, its token count), see module notes."""
