@@ -7,8 +7,9 @@ longnet.dilated_attention and of torch's dense causal scaled_dot_product_attenti
 same process; dense stops once one of its runs exceeds --dense-time-limit seconds), the measured
 speedup and the ideal ratio of attended (query, key) pairs, which is the FLOP ratio. Also time
 and memory per token relative to the reference length (--linear-reference), which stay flat when
-the cost is linear. Peak memory: CUDA's allocator peak, or on CPU the peak resident set size of
-this process (VmHWM, reset before each run) above the resident size at the start of the run.
+the cost is linear. Times are the best of --repeats rounds that interleave dilated and dense runs,
+so a slow phase of a shared machine hits both alike. Peak memory comes from a first, untimed run:
+CUDA's allocator peak, or on CPU the growth of the peak resident set (VmHWM) of this process.
 """
 
 from __future__ import annotations
@@ -49,7 +50,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--non-causal", action="store_true")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=1, help="timed runs (best is kept)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (best is kept)")
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=300.0,
+        help="no further rounds at a length once its rounds took this many seconds",
+    )
     parser.add_argument("--dense-time-limit", type=float, default=120.0)
     parser.add_argument("--linear-reference", type=int, default=32768)
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/attention.json"))
@@ -57,7 +64,12 @@ def parse_args() -> argparse.Namespace:
 
 
 class PeakMemory:
-    """Peak bytes allocated during a `with` block, on CUDA or (as resident set) on CPU."""
+    """Peak bytes allocated during a `with` block, on CUDA or (as resident set) on CPU.
+
+    On CPU, free heap pages are first handed back to the OS (malloc_trim) and VmHWM is reset, so
+    the growth of the peak resident set over the block is what the block allocated at its peak.
+    The allocator keeps its default settings: timed runs see the allocator users get.
+    """
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -69,12 +81,6 @@ class PeakMemory:
                 return int(line.split()[1]) * 1024
         raise RuntimeError(f"{field} not in /proc/self/status")
 
-    @staticmethod
-    def return_freed_memory_to_os() -> None:
-        """Make glibc mmap every large block, so freeing it lowers the resident size."""
-        m_mmap_threshold = -3
-        ctypes.CDLL("libc.so.6").mallopt(m_mmap_threshold, 1 << 16)
-
     def __enter__(self):
         gc.collect()
         if self.device.type == "cuda":
@@ -82,6 +88,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.start = torch.cuda.memory_allocated(self.device)
         else:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
             Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
             self.start = self._status("VmRSS:")
         return self
@@ -94,20 +101,27 @@ class PeakMemory:
             self.peak = self._status("VmHWM:") - self.start
 
 
-def measure(fn, reset, device: torch.device, repeats: int) -> tuple[float, int]:
-    """(best seconds, peak bytes) of fn(), each run after reset() (which frees its results)."""
-    fn()  # warm-up: plan caches, kernel selection, allocator
-    best, peak = float("inf"), 0
-    for _ in range(repeats):
-        reset()
+class Timed:
+    """One function under test: peak memory from a first, untimed run (which also warms up plan
+    caches, kernel selection and the allocator), then the best of the timed runs."""
+
+    def __init__(self, fn, reset, device: torch.device):
+        self.fn, self.reset, self.device = fn, reset, device
+        self.best = float("inf")
         with PeakMemory(device) as memory:
-            start = time.perf_counter()
             fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            best = min(best, time.perf_counter() - start)
-        peak = max(peak, memory.peak)
-    return best, peak
+        reset()
+        self.peak = memory.peak
+
+    def run(self) -> float:
+        start = time.perf_counter()
+        self.fn()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        self.reset()
+        self.best = min(self.best, seconds)
+        return seconds
 
 
 def attended_pairs(args, seq_len: int) -> tuple[int, int]:
@@ -123,7 +137,8 @@ def attended_pairs(args, seq_len: int) -> tuple[int, int]:
     return dense, dilated
 
 
-def run_case(args, seq_len: int, dense: bool) -> dict:
+def make_cases(args, seq_len: int, dense: bool) -> dict[str, Timed]:
+    """Forward and forward+backward of dilated (or dense) attention, memory already measured."""
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     causal = not args.non_causal
     shape = (args.batch, seq_len, args.heads, args.head_dim)  # (b, n, h, d)
@@ -154,20 +169,30 @@ def run_case(args, seq_len: int, dense: bool) -> dict:
     def reset():
         q.grad = k.grad = v.grad = None
 
-    fwd_s, fwd_mem = measure(forward, reset, device, args.repeats)
-    fb_s, fb_mem = measure(forward_backward, reset, device, args.repeats)
+    return {"fwd": Timed(forward, reset, device), "fwd_bwd": Timed(forward_backward, reset, device)}
+
+
+def run_cases(cases: dict[str, dict[str, Timed]], repeats: int, budget: float) -> None:
+    """Timed runs, interleaved across all cases so that slow phases of a shared machine hit them
+    alike; stops after `repeats` rounds, or once the rounds so far took `budget` seconds."""
+    spent = 0.0
+    for _ in range(repeats):
+        spent += sum(timed.run() for case in cases.values() for timed in case.values())
+        if spent >= budget:
+            break
+
+
+def summary(case: dict[str, Timed]) -> dict:
     return {
-        "fwd_s": fwd_s,
-        "fwd_peak_bytes": fwd_mem,
-        "fwd_bwd_s": fb_s,
-        "fwd_bwd_peak_bytes": fb_mem,
+        "fwd_s": case["fwd"].best,
+        "fwd_peak_bytes": case["fwd"].peak,
+        "fwd_bwd_s": case["fwd_bwd"].best,
+        "fwd_bwd_peak_bytes": case["fwd_bwd"].peak,
     }
 
 
 def main() -> None:
     args = parse_args()
-    if torch.device(args.device).type == "cpu":
-        PeakMemory.return_freed_memory_to_os()
     torch.manual_seed(0)
     rows, dense_on = [], True
     header = (
@@ -183,11 +208,15 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     for seq_len in args.seq_lens:
-        row = {"seq_len": seq_len, "dilated": run_case(args, seq_len, dense=False)}
+        cases = {"dilated": make_cases(args, seq_len, dense=False)}
+        if dense_on:
+            cases["dense"] = make_cases(args, seq_len, dense=True)
+        run_cases(cases, args.repeats, args.time_budget)
+        row = {"seq_len": seq_len, **{name: summary(case) for name, case in cases.items()}}
+        cases.clear()  # frees the inputs before the next length
         dense_pairs, dilated_pairs = attended_pairs(args, seq_len)
         row["ideal_ratio"] = dense_pairs / dilated_pairs
-        if dense_on:
-            row["dense"] = run_case(args, seq_len, dense=True)
+        if "dense" in row:
             row["speedup_fwd_bwd"] = row["dense"]["fwd_bwd_s"] / row["dilated"]["fwd_bwd_s"]
             dense_on = row["dense"]["fwd_bwd_s"] <= args.dense_time_limit
         rows.append(row)

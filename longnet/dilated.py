@@ -245,15 +245,36 @@ def plan(q: torch.Tensor, k: torch.Tensor, patterns) -> list[tuple[tuple[Block, 
     return [pack(pattern_blocks(seq_len, w, r, heads, k.shape[2], q.device)) for w, r in ordered]
 
 
+def spanning_call(calls, seq_len: int) -> Block | None:
+    """The block of the first pattern when one call of it covers every (position, head).
+
+    NOTE: its kernel result is then laid out exactly as a (b, n, h, ...) tensor, and becomes the
+    running result instead of being copied into a fresh one: at the paper's patterns (r = 1
+    first) that saves an allocation and a full read and write per accumulated tensor.
+    """
+    if len(calls[0]) != 1 or len(calls[0][0]) != 1:
+        return None
+    block = calls[0][0][0]
+    spans = block.start == 0 and block.num_segments * block.segment_length == seq_len
+    return block if spans and block.rate == 1 else None
+
+
+def adopt(block: Block, part: torch.Tensor, shape, dtype: torch.dtype) -> torch.Tensor | None:
+    """A spanning block's kernel result (b*m, h, L, ...) as the (b, n, h, ...) tensor it lays
+    out, or None where its dtype or memory layout differ."""
+    whole = block.unfold(part, shape[0]).flatten(1, 2)  # (b, n, h, ...)
+    if part.dtype != dtype or tuple(whole.shape) != tuple(shape) or not whole.is_contiguous():
+        return None
+    return whole
+
+
 class _DilatedAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, patterns, causal, scale, kernel):
         calls = plan(q, k, patterns)
         acc = accumulation_dtype(q.dtype)
-        # With r = 1 in some pattern, every (position, head) gets written: no fill needed.
-        new = torch.empty if calls[0][0][0].rate == 1 else torch.zeros
-        out = new(q.shape, dtype=acc, device=q.device)  # (b, n, h, d)
-        lse = torch.full(q.shape[:3], -math.inf, dtype=acc, device=q.device)  # (b, n, h)
+        spanning = spanning_call(calls, q.shape[1])
+        out = lse = None
         for index, pattern in enumerate(calls):
             for call in pattern:
                 call_out, call_lse = attention_forward(
@@ -264,6 +285,17 @@ class _DilatedAttentionFunction(torch.autograd.Function):
                     scale=scale,
                     kernel=kernel,
                 )
+                if out is None and spanning is not None:
+                    out = adopt(spanning, call_out, q.shape, acc)
+                    lse = adopt(spanning, call_lse, q.shape[:3], acc)
+                    if out is not None and lse is not None:
+                        continue
+                if out is None or lse is None:
+                    # With r = 1 in some pattern (sorted first), every (position, head) gets
+                    # written before it is read: no fill needed.
+                    new = torch.empty if calls[0][0][0].rate == 1 else torch.zeros
+                    out = new(q.shape, dtype=acc, device=q.device)  # (b, n, h, d)
+                    lse = torch.full(q.shape[:3], -math.inf, dtype=acc, device=q.device)
                 for block, block_out, block_lse in zip(
                     call, split_call(call, call_out), split_call(call, call_lse), strict=True
                 ):
@@ -278,12 +310,10 @@ class _DilatedAttentionFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
         acc, calls = lse.dtype, ctx.calls
+        spanning = spanning_call(calls, q.shape[1])
         # With r = 1 in some pattern (sorted first), its blocks write every position.
         covers_all = calls[0][0][0].rate == 1
-        grad_q = (torch.empty if covers_all else torch.zeros)(q.shape, dtype=acc, device=q.device)
-        new_kv = torch.empty if covers_all and k.shape[2] == q.shape[2] else torch.zeros
-        grad_k = new_kv(k.shape, dtype=acc, device=k.device)  # (b, n, g, d)
-        grad_v = new_kv(v.shape, dtype=acc, device=v.device)
+        grad_q = grad_k = grad_v = None
         for index, pattern in enumerate(calls):
             for call in pattern:
                 grads = attention_backward(
@@ -297,6 +327,20 @@ class _DilatedAttentionFunction(torch.autograd.Function):
                     scale=ctx.scale,
                     kernel=ctx.kernel,
                 )
+                if grad_q is None and spanning is not None:
+                    adopted = [
+                        adopt(spanning, grad, x.shape, acc)
+                        for grad, x in zip(grads, (q, k, v), strict=True)
+                    ]
+                    if all(x is not None for x in adopted):
+                        grad_q, grad_k, grad_v = adopted
+                        continue
+                if grad_q is None:
+                    new_q = torch.empty if covers_all else torch.zeros
+                    new_kv = torch.empty if covers_all and k.shape[2] == q.shape[2] else torch.zeros
+                    grad_q = new_q(q.shape, dtype=acc, device=q.device)  # (b, n, h, d)
+                    grad_k = new_kv(k.shape, dtype=acc, device=k.device)  # (b, n, g, d)
+                    grad_v = new_kv(v.shape, dtype=acc, device=v.device)
                 for block, dq, dk, dv in zip(
                     call, *map(partial(split_call, call), grads), strict=True
                 ):

@@ -134,6 +134,32 @@ def test_call_planning_changes_no_numbers(rng, monkeypatch, min_call_pairs, max_
         longnet.dilated.pattern_blocks.cache_clear()
 
 
+@pytest.mark.parametrize("kv_heads", [4, 2])
+@pytest.mark.parametrize("seq_len", [64, 60], ids=["spanning", "short_last_segment"])
+def test_spanning_result_becomes_the_accumulator(rng, monkeypatch, seq_len, kv_heads):
+    """Where one r = 1 call covers the sequence its kernel results are used in place as the
+    running output, log-sum-exp and (without grouped heads) gradients; the numbers match."""
+    adopted = []
+
+    def recording_adopt(*args):
+        result = adopt(*args)
+        adopted.append(result is not None)
+        return result
+
+    adopt = longnet.dilated.adopt
+    monkeypatch.setattr(longnet.dilated, "adopt", recording_adopt)
+    q, k, v = make_qkv(rng, 2, seq_len, 4, kv_heads, 8)
+    lengths, rates = [32, 16], [2, 1]
+    for causal in (False, True):
+        adopted.clear()
+        fn = dilated(lengths, rates, causal, "fused")
+        assert_matches(fn, q, k, v, reference_fn(lengths, rates, causal), TOLERANCE[q.dtype])
+        if seq_len == 60:
+            assert adopted == []
+        else:  # out, lse, then grad q, k, v in the backward
+            assert adopted == [True, True, True, kv_heads == 4, kv_heads == 4]
+
+
 @pytest.mark.parametrize("backend", ["fused", "math"])
 def test_expanded_upstream_gradient(rng, backend):
     # out.sum().backward() hands the backward a stride-0 gradient.
