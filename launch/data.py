@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from longnet.config import _choice, _positive_int
+from longnet.config import choice, positive_int
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +96,11 @@ class DataConfig:
 
     def validate(self) -> None:
         """ValueError naming the field for values that are wrong whatever is on disk."""
-        self.seq_len = _positive_int("data.seq_len", self.seq_len)
-        self.num_proc = _positive_int("data.num_proc", self.num_proc)
+        self.seq_len = positive_int("data.seq_len", self.seq_len)
+        self.num_proc = positive_int("data.num_proc", self.num_proc)
         if self.max_documents is not None:
-            self.max_documents = _positive_int("data.max_documents", self.max_documents)
-        _choice("data.source", self.source, SOURCES)
+            self.max_documents = positive_int("data.max_documents", self.max_documents)
+        choice("data.source", self.source, SOURCES)
         if self.source == "files" and not self.path:
             raise ValueError("data.path is required with data.source='files'")
         if self.source == "hub" and not self.hub_name:
@@ -683,10 +683,10 @@ class Corpus:
         shuffled before packing, so the first rows are a random sample; the same for every call."""
         if self.validation is None:
             raise ValueError("no validation split: data.validation_fraction is 0")
-        seq_len = _positive_int("seq_len", seq_len)
+        seq_len = positive_int("seq_len", seq_len)
         rows = PackedDataset(self.validation.stream, seq_len, self.validation.seed, "validation")
         count = (
-            len(rows) if max_rows is None else min(_positive_int("max_rows", max_rows), len(rows))
+            len(rows) if max_rows is None else min(positive_int("max_rows", max_rows), len(rows))
         )
         return rows.rows(range(count))
 

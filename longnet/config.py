@@ -21,7 +21,8 @@ PAPER_SEGMENT_LENGTHS = (2048, 4096, 8192, 16384, 32768)
 PAPER_DILATION_RATES = (1, 2, 4, 6, 12)
 
 
-def _positive_int(name: str, value) -> int:
+def positive_int(name: str, value) -> int:
+    """value as an int >= 1; a ValueError naming `name` otherwise (also used by launch/)."""
     if isinstance(value, bool):
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     try:
@@ -45,7 +46,8 @@ def _bool(name: str, value) -> bool:
     return value
 
 
-def _choice(name: str, value, choices: tuple[str, ...]) -> str:
+def choice(name: str, value, choices: tuple[str, ...]) -> str:
+    """value if it is in choices; a ValueError naming `name` otherwise (also used by launch/)."""
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
     return value
@@ -77,13 +79,13 @@ class BlockConfig:
 
     def __post_init__(self):
         for name in ("d_model", "num_layers", "num_heads"):
-            setattr(self, name, _positive_int(name, getattr(self, name)))
+            setattr(self, name, positive_int(name, getattr(self, name)))
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
-        self.num_kv_heads = _positive_int("num_kv_heads", self.num_kv_heads)
+        self.num_kv_heads = positive_int("num_kv_heads", self.num_kv_heads)
         if self.ffn_dim is None:
             self.ffn_dim = 4 * self.d_model
-        self.ffn_dim = _positive_int("ffn_dim", self.ffn_dim)
+        self.ffn_dim = positive_int("ffn_dim", self.ffn_dim)
         if self.d_model % self.num_heads:
             raise ValueError(
                 f"d_model ({self.d_model}) must be a multiple of num_heads ({self.num_heads})"
@@ -98,8 +100,8 @@ class BlockConfig:
         self.dilation_rates = tuple(r for _, r in patterns)
         for name in ("qk_norm", "bias", "activation_checkpointing"):
             _bool(name, getattr(self, name))
-        _choice("activation", self.activation, ACTIVATIONS)
-        _choice("backend", self.backend, BACKENDS)
+        choice("activation", self.activation, ACTIVATIONS)
+        choice("backend", self.backend, BACKENDS)
         dropout = self.dropout
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
             raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
@@ -160,8 +162,8 @@ class LongNetConfig(BlockConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        self.vocab_size = _positive_int("vocab_size", self.vocab_size)
-        _choice("position", self.position, POSITIONS)
+        self.vocab_size = positive_int("vocab_size", self.vocab_size)
+        choice("position", self.position, POSITIONS)
         self.rotary_base = _positive_float("rotary_base", self.rotary_base)
         self.xpos_scale_base = _positive_float("xpos_scale_base", self.xpos_scale_base)
         _bool("tie_embeddings", self.tie_embeddings)
@@ -217,7 +219,7 @@ class LongNetViTConfig(BlockConfig):
     def __post_init__(self):
         super().__post_init__()
         for name in ("patch_size", "in_channels", "num_classes"):
-            setattr(self, name, _positive_int(name, getattr(self, name)))
+            setattr(self, name, positive_int(name, getattr(self, name)))
         if self.d_model % 4:
             raise ValueError(
                 f"d_model ({self.d_model}) must be a multiple of 4 for 2-D sine-cosine positions"
