@@ -266,7 +266,7 @@ class Trainer:
     def _loss(self, rows: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(loss to backpropagate, this slice's loss sum, its token count), see module notes."""
         tokens, labels, start = self._shard(rows)
-        out = self.engine(tokens, labels=labels, position_offset=start)
+        out = self.engine(tokens, labels=labels, position_offset=start, return_logits=False)
         group_tokens = out.num_tokens.detach().clone()
         torch.distributed.all_reduce(group_tokens, group=self.grid.sp_group)
         loss = out.loss_sum / group_tokens.clamp(min=1)

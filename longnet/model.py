@@ -159,16 +159,27 @@ class Blocks(nn.ModuleList):
         return x
 
 
+# Most logits (tokens x vocabulary) the chunked loss holds at once: 128 MiB in float32.
+LOSS_CHUNK_ELEMENTS = 1 << 25
+
+
 @dataclass
 class LMOutput:
-    """logits (b, n, V); with labels: loss = loss_sum / num_tokens, the mean cross-entropy in nats
-    over the labels that are not IGNORE_INDEX (0 when there are none). Under sequence parallelism
-    sum loss_sum and num_tokens over the ranks before dividing."""
+    """logits (b, n, V), None when not asked for; with labels: loss = loss_sum / num_tokens, the
+    mean cross-entropy in nats over the labels that are not IGNORE_INDEX (0 when there are none).
+    Under sequence parallelism sum loss_sum and num_tokens over the ranks before dividing."""
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     loss: torch.Tensor | None = None
     loss_sum: torch.Tensor | None = None
     num_tokens: torch.Tensor | None = None
+
+
+def _cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """logits (t, V), targets (t,): summed cross-entropy in float32 (float64 for float64),
+    IGNORE_INDEX skipped."""
+    logits = logits.to(accumulation_dtype(logits.dtype))
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 class LongNetLM(nn.Module):
@@ -245,32 +256,59 @@ class LongNetLM(nn.Module):
         labels: torch.Tensor | None = None,
         position_offset: int = 0,
         cache: KVCache | None = None,
+        return_logits: bool = True,
     ) -> LMOutput:
         """tokens (b, n) int, and optionally labels (b, n): labels[:, i] is the token that should
         follow tokens[:, i] (already shifted; IGNORE_INDEX = -100 where there is none), which lets
         a sequence-parallel shard carry its own targets.
+
+        return_logits=False (with labels) computes the loss chunk by chunk and never holds the
+        (b, n, V) logits: what training on long sequences needs (the trainer does so).
 
         position_offset is the global position of tokens[:, 0] (a shard's start): it moves the
         positional encodings. Segments are cut by the attention function: dilated_attention cuts
         them from tokens[:, 0], so a shard run alone on one device should start at a multiple of
         every segment length. cache (a KVCache) is for generate().
         """
-        logits = self.lm_head(self.hidden_states(tokens, position_offset, cache))  # (b, n, V)
-        if labels is None:
-            return LMOutput(logits)
-        if not isinstance(labels, torch.Tensor) or labels.shape != tokens.shape:
+        if labels is not None and (
+            not isinstance(labels, torch.Tensor) or labels.shape != tokens.shape
+        ):
             raise ValueError(
                 f"labels must have the shape of tokens {tuple(tokens.shape)}, got "
                 f"{tuple(getattr(labels, 'shape', ()))}"
             )
-        loss_sum = F.cross_entropy(
-            logits.flatten(0, 1).float(),
-            labels.flatten(),
-            ignore_index=IGNORE_INDEX,
-            reduction="sum",
-        )
+        hidden = self.hidden_states(tokens, position_offset, cache)  # (b, n, D)
+        if labels is None:
+            return LMOutput(self.lm_head(hidden))
+        hidden, targets = hidden.flatten(0, 1), labels.flatten()  # (b*n, D), (b*n,)
+        if return_logits:
+            logits = self.lm_head(hidden)  # (b*n, V)
+            loss_sum = _cross_entropy_sum(logits, targets)
+            logits = logits.unflatten(0, labels.shape)
+        else:
+            logits, loss_sum = None, self._chunked_loss_sum(hidden, targets)
         num_tokens = (labels != IGNORE_INDEX).sum()
         return LMOutput(logits, loss_sum / num_tokens.clamp(min=1), loss_sum, num_tokens)
+
+    def _chunked_loss_sum(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy of hidden (t, D) against targets (t,), a chunk of tokens at a time.
+
+        NOTE: the logits of a long sequence do not fit (1M tokens x 50K vocabulary is 200 GB in
+        float32), so each chunk's are recomputed in the backward instead of kept: the LM head
+        runs once more, and memory holds one chunk of logits.
+        """
+        chunk = max(1, LOSS_CHUNK_ELEMENTS // self.config.vocab_size)
+        parts = []
+        for start in range(0, len(targets), chunk):
+            part = hidden[start : start + chunk], targets[start : start + chunk]
+            if torch.is_grad_enabled():
+                parts.append(checkpoint(self._head_loss_sum, *part, use_reentrant=False))
+            else:
+                parts.append(self._head_loss_sum(*part))
+        return torch.stack(parts).sum()
+
+    def _head_loss_sum(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return _cross_entropy_sum(self.lm_head(hidden), targets)
 
     @torch.no_grad()
     def generate(

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import longnet.model
 from longnet import LongNetConfig, LongNetLM, dilated_attention
 from longnet.positions import alibi_slopes, relative_positions
 from longnet.reference import dense_dilated_attention, multiplicity
@@ -190,6 +191,33 @@ def test_loss_is_the_mean_next_token_cross_entropy_over_labelled_tokens():
     torch.testing.assert_close(output.loss, expected)
     torch.testing.assert_close(output.loss_sum, expected * 45)
     assert output.num_tokens == 45
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 7, 1000])
+def test_chunked_loss_equals_the_full_loss_and_its_gradients(monkeypatch, chunk_tokens):
+    """return_logits=False: the loss a chunk of tokens at a time, logits recomputed in the
+    backward, gives the loss and parameter gradients of the full logits."""
+    config = small_config()
+    monkeypatch.setattr(longnet.model, "LOSS_CHUNK_ELEMENTS", chunk_tokens * config.vocab_size)
+    torch.manual_seed(0)
+    model = LongNetLM(config).double()
+    tokens, labels = random_tokens(config, 2, 24), random_tokens(config, 2, 24, seed=1)
+    labels[0, :9] = -100
+    results = []
+    for return_logits in (True, False):
+        model.zero_grad()
+        output = model(tokens, labels, return_logits=return_logits)
+        output.loss.backward()
+        assert (output.logits is None) == (not return_logits)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        results.append((output.loss_sum.detach(), output.num_tokens, grads))
+    (full_sum, full_count, full_grads), (sum_, count, grads) = results
+    torch.testing.assert_close(sum_, full_sum, rtol=1e-12, atol=1e-12)
+    assert count == full_count == 39
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, full_grads[name], rtol=1e-10, atol=1e-12, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens, labels, return_logits=False).loss_sum, full_sum)
 
 
 def test_shifting_by_whole_periods_changes_nothing():
