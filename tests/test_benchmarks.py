@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -74,3 +75,11 @@ def test_kernel_ceiling_times_the_calls_of_every_pattern():
     ratio = re.search(r"kernel-only speedup ([\d.]+)x of the ideal ([\d.]+)x", stdout)
     assert ratio is not None
     assert float(ratio.group(2)) == round(heads * causal_pairs(n) / sum(expected.values()), 2)
+
+
+def test_lm_loss_benchmark_gets_one_loss_both_ways():
+    stdout = run_script("lm_loss.py", "--seq-len", "256", "--vocab-size", "1000", "--repeats", "1")
+    losses = re.findall(r"(full logits|chunked): loss ([\d.]+)", stdout)
+    assert [name for name, _ in losses] == ["full logits", "chunked"]
+    assert abs(float(losses[0][1]) - float(losses[1][1])) < 1e-5
+    assert abs(float(losses[0][1]) - math.log(1000)) < 1.0  # near-uniform at initialisation
