@@ -25,10 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from longnet import dilated_attention
+from longnet.config import PAPER_DILATION_RATES, PAPER_SEGMENT_LENGTHS
 from longnet.dilated import pattern_blocks
-
-PAPER_SEGMENTS = "2048,4096,8192,16384,32768"
-PAPER_RATES = "1,2,4,6,12"
 
 
 def _ints(text: str) -> list[int]:
@@ -42,8 +40,8 @@ def parse_args() -> argparse.Namespace:
         type=_ints,
         default=_ints(",".join(str(1024 * k) for k in (8, 16, 32, 64, 128, 256, 512, 1024))),
     )
-    parser.add_argument("--segment-lengths", type=_ints, default=_ints(PAPER_SEGMENTS))
-    parser.add_argument("--dilation-rates", type=_ints, default=_ints(PAPER_RATES))
+    parser.add_argument("--segment-lengths", type=_ints, default=list(PAPER_SEGMENT_LENGTHS))
+    parser.add_argument("--dilation-rates", type=_ints, default=list(PAPER_DILATION_RATES))
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=64)

@@ -18,11 +18,9 @@ import time
 
 import torch
 
+from longnet.config import PAPER_DILATION_RATES, PAPER_SEGMENT_LENGTHS
 from longnet.dilated import gather_call, plan
 from longnet.kernels import attention_backward, attention_forward, resolve_backend
-
-PAPER_SEGMENTS = (2048, 4096, 8192, 16384, 32768)
-PAPER_RATES = (1, 2, 4, 6, 12)
 
 
 def parse_args() -> argparse.Namespace:
@@ -57,7 +55,7 @@ def kernel_calls(q, k, v, grad, kernel):
     """The fused calls of dilated attention, then the dense one; q, k, v, grad (b, n, h, d)."""
     scale = q.shape[-1] ** -0.5
     calls = []
-    for pattern in plan(q, k, tuple(zip(PAPER_SEGMENTS, PAPER_RATES, strict=True))):
+    for pattern in plan(q, k, tuple(zip(PAPER_SEGMENT_LENGTHS, PAPER_DILATION_RATES, strict=True))):
         for call in pattern:
             block = call[0]
             inputs = (gather_call(call, q), gather_call(call, k, True), gather_call(call, v, True))

@@ -29,10 +29,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from longnet.config import PAPER_DILATION_RATES, PAPER_SEGMENT_LENGTHS
 from longnet.distributed import last_communication, sequence_parallel_dilated_attention
 
-PAPER_SEGMENTS = (2048, 4096, 8192, 16384, 32768)
-PAPER_RATES = (1, 2, 4, 6, 12)
 FLATNESS = 1.10  # the most bytes per rank may grow between world sizes >= 2
 
 
@@ -57,8 +56,8 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if args.shard_length is None:
         args.shard_length = 16384 // args.scale
-    args.segment_lengths = [w // args.scale for w in PAPER_SEGMENTS]
-    args.dilation_rates = list(PAPER_RATES)
+    args.segment_lengths = [w // args.scale for w in PAPER_SEGMENT_LENGTHS]
+    args.dilation_rates = list(PAPER_DILATION_RATES)
     return args
 
 

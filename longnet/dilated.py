@@ -268,6 +268,21 @@ def adopt(block: Block, part: torch.Tensor, shape, dtype: torch.dtype) -> torch.
     return whole
 
 
+def adopt_all(block: Block | None, parts, shapes, dtype: torch.dtype) -> list[torch.Tensor] | None:
+    """adopt() for each of a call's results, or None unless there is a spanning block and every
+    result can be adopted."""
+    if block is None:
+        return None
+    wholes = [adopt(block, part, shape, dtype) for part, shape in zip(parts, shapes, strict=True)]
+    return None if any(whole is None for whole in wholes) else wholes
+
+
+def covers_all(calls) -> bool:
+    """Whether the first pattern writes every (position, head): r = 1 in some pattern (sorted
+    first), so accumulators need no fill."""
+    return calls[0][0][0].rate == 1
+
+
 class _DilatedAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, patterns, causal, scale, kernel):
@@ -285,15 +300,12 @@ class _DilatedAttentionFunction(torch.autograd.Function):
                     scale=scale,
                     kernel=kernel,
                 )
-                if out is None and spanning is not None:
-                    out = adopt(spanning, call_out, q.shape, acc)
-                    lse = adopt(spanning, call_lse, q.shape[:3], acc)
-                    if out is not None and lse is not None:
+                if out is None:
+                    adopted = adopt_all(spanning, (call_out, call_lse), (q.shape, q.shape[:3]), acc)
+                    if adopted is not None:
+                        out, lse = adopted
                         continue
-                if out is None or lse is None:
-                    # With r = 1 in some pattern (sorted first), every (position, head) gets
-                    # written before it is read: no fill needed.
-                    new = torch.empty if calls[0][0][0].rate == 1 else torch.zeros
+                    new = torch.empty if covers_all(calls) else torch.zeros
                     out = new(q.shape, dtype=acc, device=q.device)  # (b, n, h, d)
                     lse = torch.full(q.shape[:3], -math.inf, dtype=acc, device=q.device)
                 for block, block_out, block_lse in zip(
@@ -311,8 +323,6 @@ class _DilatedAttentionFunction(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         acc, calls = lse.dtype, ctx.calls
         spanning = spanning_call(calls, q.shape[1])
-        # With r = 1 in some pattern (sorted first), its blocks write every position.
-        covers_all = calls[0][0][0].rate == 1
         grad_q = grad_k = grad_v = None
         for index, pattern in enumerate(calls):
             for call in pattern:
@@ -327,17 +337,13 @@ class _DilatedAttentionFunction(torch.autograd.Function):
                     scale=ctx.scale,
                     kernel=ctx.kernel,
                 )
-                if grad_q is None and spanning is not None:
-                    adopted = [
-                        adopt(spanning, grad, x.shape, acc)
-                        for grad, x in zip(grads, (q, k, v), strict=True)
-                    ]
-                    if all(x is not None for x in adopted):
+                if grad_q is None:
+                    adopted = adopt_all(spanning, grads, (q.shape, k.shape, v.shape), acc)
+                    if adopted is not None:
                         grad_q, grad_k, grad_v = adopted
                         continue
-                if grad_q is None:
-                    new_q = torch.empty if covers_all else torch.zeros
-                    new_kv = torch.empty if covers_all and k.shape[2] == q.shape[2] else torch.zeros
+                    new_q = torch.empty if covers_all(calls) else torch.zeros
+                    new_kv = new_q if k.shape[2] == q.shape[2] else torch.zeros
                     grad_q = new_q(q.shape, dtype=acc, device=q.device)  # (b, n, h, d)
                     grad_k = new_kv(k.shape, dtype=acc, device=k.device)  # (b, n, g, d)
                     grad_v = new_kv(v.shape, dtype=acc, device=v.device)
