@@ -81,8 +81,21 @@ def _math_scores(q, k, causal, scale):
     return scores
 
 
+def unit_stride(x: torch.Tensor) -> torch.Tensor:
+    """x, or a contiguous copy where its last dimension is not dense.
+
+    NOTE: the fused kernels read head_dim as contiguous memory whatever x.stride(-1) says, and
+    silently compute with the wrong numbers otherwise (a transposed, sliced or expanded head_dim,
+    as `rearrange(x, "b n (d h) -> b n h d")` gives). Every other dimension may have any stride,
+    0 included, so the strided views dilated attention hands over stay views.
+    """
+    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+
+
 def attention_forward(q, k, v, *, causal: bool, scale: float, kernel: str):
     """(out in q's dtype, lse in accumulation dtype) for one dense attention."""
+    if kernel != "math":
+        q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)
     if kernel == "cpu_flash":
         out, lse = _aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, causal, scale=scale
@@ -106,6 +119,8 @@ def attention_forward(q, k, v, *, causal: bool, scale: float, kernel: str):
 
 def attention_backward(grad_out, q, k, v, out, lse, *, causal: bool, scale: float, kernel: str):
     """(dq, dk, dv) of one dense attention, with the softmax taken from the given out and lse."""
+    if kernel != "math":
+        grad_out, q, k, v, out = map(unit_stride, (grad_out, q, k, v, out))
     if kernel == "cpu_flash":
         return _aten._scaled_dot_product_flash_attention_for_cpu_backward(
             grad_out, q, k, v, out, lse, 0.0, causal, scale=scale

@@ -98,7 +98,7 @@ class FeedForward(nn.Module):
         return self.dropout(self.fc2(self.inner_norm(hidden)))
 
 
-class Block(nn.Module):
+class TransformerBlock(nn.Module):
     def __init__(self, config: BlockConfig, causal: bool, attention_fn: AttentionFn, positions):
         super().__init__()
         self.attn_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
@@ -113,12 +113,13 @@ class Block(nn.Module):
         return x + self.ffn(self.ffn_norm(x))
 
 
-class Blocks(nn.ModuleList):
+class TransformerStack(nn.ModuleList):
     """N blocks with MAGNETO's initialisation, run with activation checkpointing if configured."""
 
     def __init__(self, config: BlockConfig, causal: bool, attention_fn: AttentionFn, positions):
         super().__init__(
-            Block(config, causal, attention_fn, positions) for _ in range(config.num_layers)
+            TransformerBlock(config, causal, attention_fn, positions)
+            for _ in range(config.num_layers)
         )
         self.checkpointing = config.activation_checkpointing
         self.reset_parameters()
@@ -182,6 +183,18 @@ def _cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+def check_token_ids(tokens: torch.Tensor, vocab_size: int) -> None:
+    """ValueError unless every id is in [0, vocab_size).
+
+    NOTE: an id outside the table is an IndexError on CPU and, on CUDA, a device-side assert that
+    kills the process: check first (one reduction and one host sync).
+    """
+    low, high = (x.item() for x in torch.aminmax(tokens))
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(f"tokens must be ids in [0, {vocab_size}) (vocab_size), got {bad}")
+
+
 class LongNetLM(nn.Module):
     """The LongNet language model: embeddings, N MAGNETO blocks of dilated causal attention,
     final LayerNorm, LM head (tied to the embeddings or not).
@@ -205,7 +218,7 @@ class LongNetLM(nn.Module):
             config.xpos_scale_base,
         )
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
-        self.blocks = Blocks(config, True, attention_fn, self.positions)
+        self.blocks = TransformerStack(config, True, attention_fn, self.positions)
         self.norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         # torchscale's MAGNETO decoder: embeddings (and an untied head) ~ N(0, 1/D), unscaled.
@@ -231,6 +244,10 @@ class LongNetLM(nn.Module):
                 f"{tokens.dtype if isinstance(tokens, torch.Tensor) else type(tokens).__name__} "
                 f"{tuple(getattr(tokens, 'shape', ()))}"
             )
+        if tokens.numel() == 0:
+            raise ValueError(f"tokens must not be empty, got shape {tuple(tokens.shape)}")
+        if not torch.compiler.is_compiling():  # a host sync would break the compiled graph
+            check_token_ids(tokens, self.config.vocab_size)
         if isinstance(position_offset, bool) or not isinstance(position_offset, int):
             raise ValueError(f"position_offset must be an int >= 0, got {position_offset!r}")
         if position_offset < 0:

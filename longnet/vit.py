@@ -24,7 +24,7 @@ from torch import nn
 from longnet.config import LongNetViTConfig
 from longnet.dilated import dilated_attention
 from longnet.layers import AttentionFn
-from longnet.model import Blocks
+from longnet.model import TransformerStack
 from longnet.positions import NoPositions
 
 
@@ -63,7 +63,7 @@ class LongNetViT(nn.Module):
         self.patch_embed = nn.Conv2d(
             config.in_channels, config.d_model, config.patch_size, stride=config.patch_size
         )
-        self.blocks = Blocks(config, False, attention_fn, NoPositions())
+        self.blocks = TransformerStack(config, False, attention_fn, NoPositions())
         self.norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.head = nn.Linear(config.d_model, config.num_classes)
 
