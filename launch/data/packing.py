@@ -1,0 +1,187 @@
+"""Packed rows of a split's token stream, the exactly resumable sampler, and load()."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pyarrow.compute as pc
+import torch
+
+from longnet.config import positive_int
+
+from .cache import ensure_cache
+from .config import DataConfig
+from .tokenizer import Tokenizer
+
+
+class _TokenStream:
+    """The concatenated token ids of one split, as memory-mapped numpy chunks."""
+
+    def __init__(self, dataset: datasets.Dataset):
+        self.dataset = dataset  # keeps the memory map alive
+        chunks = [
+            pc.list_flatten(c).to_numpy(zero_copy_only=True)
+            for c in dataset.data.column("ids").chunks
+        ]
+        self.chunks = [c for c in chunks if len(c)]
+        self.starts = np.cumsum([0] + [len(c) for c in self.chunks])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def slice(self, start: int, stop: int) -> np.ndarray:
+        i = int(np.searchsorted(self.starts, start, side="right")) - 1
+        pieces = []
+        while start < stop:
+            offset = start - self.starts[i]
+            piece = self.chunks[i][offset : stop - self.starts[i]]
+            pieces.append(piece)
+            start += len(piece)
+            i += 1
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+
+class PackedDataset(torch.utils.data.Dataset):
+    """Rows of seq_len + 1 tokens cut from a split's stream with stride seq_len (see the docstring
+    of longnet.launch.data)."""
+
+    def __init__(self, stream: _TokenStream, seq_len: int, seed: int, split: str):
+        self.stream, self.seq_len, self.seed, self.split = stream, seq_len, seed, split
+        self.num_rows = (len(stream) - 1) // seq_len
+        if self.num_rows < 1:
+            raise ValueError(
+                f"empty corpus: the {split} split has {len(stream)} tokens, fewer than seq_len + "
+                f"1 = {seq_len + 1}; use more data or a smaller seq_len"
+                + (" or a larger data.validation_fraction" if split == "validation" else "")
+            )
+        self._permutations: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if not 0 <= index < self.num_rows:
+            raise IndexError(f"row {index} out of range for {self.num_rows} rows")
+        return {k: v[0] for k, v in self.rows([index]).items()}
+
+    def rows(self, indices) -> dict[str, torch.Tensor]:
+        """input_ids and labels, (len(indices), seq_len) int64 each."""
+        block = np.stack(
+            [self.stream.slice(i * self.seq_len, (i + 1) * self.seq_len + 1) for i in indices]
+        ).astype(np.int64)
+        block = torch.from_numpy(block)  # (rows, seq_len + 1)
+        return {"input_ids": block[:, :-1].contiguous(), "labels": block[:, 1:].contiguous()}
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        """The row order of an epoch: a pure function of (seed, epoch)."""
+        if epoch not in self._permutations:
+            if len(self._permutations) >= 2:
+                self._permutations.pop(min(self._permutations))
+            rng = np.random.default_rng([self.seed, epoch])
+            self._permutations[epoch] = rng.permutation(self.num_rows)
+        return self._permutations[epoch]
+
+    def indices_for(
+        self,
+        step: int,
+        micro_step: int,
+        dp_rank: int,
+        dp_size: int,
+        micro_batch_size: int,
+        grad_accum: int,
+    ) -> np.ndarray:
+        """The rows of one micro-batch of one data-parallel rank.
+
+        Optimizer step s consumes positions [s*B, (s+1)*B) of the endless sequence permutation(0),
+        permutation(1), ... with B = dp_size * grad_accum * micro_batch_size, micro-step k of rank
+        r taking ((s*grad_accum + k)*dp_size + r)*micro_batch_size onwards. So one step reads
+        the same rows however B is split into ranks, micro-batches and accumulation steps, and
+        resuming needs only the step.
+        """
+        for name, value, low in (
+            ("dp_size", dp_size, 1),
+            ("micro_batch_size", micro_batch_size, 1),
+            ("grad_accum", grad_accum, 1),
+            ("step", step, 0),
+        ):
+            if value < low:
+                raise ValueError(f"{name} must be >= {low}, got {value}")
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank must be in [0, {dp_size}), got {dp_rank}")
+        if not 0 <= micro_step < grad_accum:
+            raise ValueError(f"micro_step must be in [0, {grad_accum}), got {micro_step}")
+        first = ((step * grad_accum + micro_step) * dp_size + dp_rank) * micro_batch_size
+        epochs, offsets = np.divmod(first + np.arange(micro_batch_size), self.num_rows)
+        return np.array([self.permutation(int(e))[o] for e, o in zip(epochs, offsets, strict=True)])
+
+    def batch_for(
+        self,
+        step: int,
+        micro_step: int,
+        dp_rank: int,
+        dp_size: int,
+        micro_batch_size: int,
+        grad_accum: int,
+    ) -> dict[str, torch.Tensor]:
+        """input_ids and labels, (micro_batch_size, seq_len) int64; see indices_for. Every rank
+        of a sequence-parallel group passes the same dp_rank and gets the same rows."""
+        return self.rows(
+            self.indices_for(step, micro_step, dp_rank, dp_size, micro_batch_size, grad_accum)
+        )
+
+
+@dataclass
+class Corpus:
+    """What load() returns: the packed splits, the tokenizer and the corpus statistics."""
+
+    tokenizer: Tokenizer
+    train: PackedDataset
+    validation: PackedDataset | None  # None when data.validation_fraction is 0
+    path: Path  # the cache folder
+    from_cache: bool  # False when this call tokenised the corpus
+    stats: dict  # per split: documents, tokens (EOS included), bytes (UTF-8 of the text)
+
+    @property
+    def bytes_per_token(self) -> float:
+        """UTF-8 bytes per token on the validation split (train without one)."""
+        split = self.stats["validation" if self.validation is not None else "train"]
+        return split["bytes"] / split["tokens"]
+
+    def bits_per_byte(self, nats_per_token: float) -> float:
+        """A mean cross-entropy (nats per token) in bits per byte of text, comparable across
+        tokenizers. EOS tokens count as tokens and carry no bytes."""
+        return nats_per_token / math.log(2) / self.bytes_per_token
+
+    def validation_rows(self, seq_len: int, max_rows: int | None = None) -> dict[str, torch.Tensor]:
+        """The first rows (at most max_rows) of the validation split packed at seq_len: input_ids
+        and labels (rows, seq_len) int64, for the loss at several context lengths. Documents are
+        shuffled before packing, so the first rows are a random sample; the same for every call."""
+        if self.validation is None:
+            raise ValueError("no validation split: data.validation_fraction is 0")
+        seq_len = positive_int("seq_len", seq_len)
+        rows = PackedDataset(self.validation.stream, seq_len, self.validation.seed, "validation")
+        count = (
+            len(rows) if max_rows is None else min(positive_int("max_rows", max_rows), len(rows))
+        )
+        return rows.rows(range(count))
+
+
+def load(config: DataConfig) -> Corpus:
+    """The corpus packed at config.seq_len, from the cache (built first if missing)."""
+    path, tokenizer, from_cache = ensure_cache(config)
+    stats = json.loads((path / "meta.json").read_text())["splits"]
+    splits = {
+        name: PackedDataset(
+            _TokenStream(datasets.load_from_disk(str(path / name))),
+            config.seq_len,
+            config.shuffle_seed,
+            name,
+        )
+        for name in stats
+    }
+    return Corpus(tokenizer, splits["train"], splits.get("validation"), path, from_cache, stats)

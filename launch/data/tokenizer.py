@@ -1,0 +1,123 @@
+"""Tokenizers: UTF-8 bytes, a local tokenizer.json, or a tiktoken encoding; each with an EOS id,
+the separator appended to every document."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+# Candidate names of the end-of-text token in HF tokenizer files, most common first.
+EOS_NAMES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "[SEP]")
+
+
+class ByteTokenizer:
+    """UTF-8 bytes are tokens 0..255; 256 is EOS (the document separator).
+
+    vocab_size is 264: ids 257..263 are reserved for special tokens so that adding one later keeps
+    checkpoints compatible (and 264 is a multiple of 8, which tensor cores like).
+    """
+
+    name = "byte"
+    identity = "byte"
+    eos_id = 256
+    vocab_size = 264
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8", errors="replace"))
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.frombuffer(t.encode("utf-8", errors="replace"), dtype=np.uint8) for t in texts]
+
+    def decode(self, ids) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A local tokenizer.json (the `tokenizers` library). Its EOS is the first of EOS_NAMES it
+    knows; a file with none of them gets <|endoftext|> added as a special token."""
+
+    def __init__(self, path: str):
+        from tokenizers import Tokenizer
+
+        self.name = path
+        self.identity = "hf:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        try:
+            self.tokenizer = Tokenizer.from_file(path)
+        except Exception as error:  # the Rust library raises a bare Exception on bad files
+            raise ValueError(
+                f"data.tokenizer {path!r} is not a valid tokenizer.json: {error}"
+            ) from None
+        known = [self.tokenizer.token_to_id(name) for name in EOS_NAMES]
+        known = [i for i in known if i is not None]
+        if not known:
+            self.tokenizer.add_special_tokens([EOS_NAMES[0]])
+            known = [self.tokenizer.token_to_id(EOS_NAMES[0])]
+        self.eos_id = known[0]
+        self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
+        return [np.asarray(e.ids, dtype=np.int64) for e in encodings]
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+class TiktokenTokenizer:
+    """An OpenAI tiktoken encoding; special-token text inside documents is encoded as text."""
+
+    def __init__(self, encoding: str):
+        try:
+            import tiktoken
+        except ImportError:
+            raise ValueError(
+                f"data.tokenizer 'tiktoken:{encoding}' needs `pip install tiktoken`"
+            ) from None
+        if encoding not in tiktoken.list_encoding_names():
+            raise ValueError(
+                f"data.tokenizer: unknown tiktoken encoding {encoding!r}; "
+                f"known: {tiktoken.list_encoding_names()}"
+            )
+        try:
+            self.encoding = tiktoken.get_encoding(encoding)
+        except Exception as error:  # offline without a cached file: requests' errors
+            raise ValueError(
+                f"data.tokenizer: tiktoken encoding {encoding!r} is not available (it is "
+                f"downloaded once, then cached in TIKTOKEN_CACHE_DIR): {error}"
+            ) from None
+        self.name = self.identity = "tiktoken:" + encoding
+        self.eos_id = self.encoding.eot_token
+        self.vocab_size = self.encoding.n_vocab
+
+    def encode(self, text: str) -> list[int]:
+        return self.encoding.encode_ordinary(text)
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [
+            np.asarray(ids, dtype=np.int64) for ids in self.encoding.encode_ordinary_batch(texts)
+        ]
+
+    def decode(self, ids) -> str:
+        return self.encoding.decode(list(ids), errors="replace")
+
+
+Tokenizer = ByteTokenizer | HFTokenizer | TiktokenTokenizer
+
+
+def make_tokenizer(spec: str) -> Tokenizer:
+    """The tokenizer data.tokenizer names: "byte", "tiktoken:<encoding>" or a tokenizer.json."""
+    if spec == "byte":
+        return ByteTokenizer()
+    if spec.startswith("tiktoken:"):
+        return TiktokenTokenizer(spec.removeprefix("tiktoken:"))
+    if Path(spec).is_file():
+        return HFTokenizer(spec)
+    raise ValueError(
+        f"unknown data.tokenizer {spec!r}: expected 'byte', 'tiktoken:<encoding>' or the path of "
+        f"an existing tokenizer.json file"
+    )
