@@ -12,8 +12,9 @@ the log-sum-exp, which is natural-log, of the SCALED scores, in float32 (float64
 `causal` is torch's convention: query i sees keys j <= i (top-left aligned).
 
 Backends:
-- "fused": torch's fused kernels. CPU: the flash kernel for CPU. CUDA: flash attention when torch
-  says it can run the shapes (fp16/bf16), else the memory-efficient kernel.
+- "fused": torch's fused kernels, private aten ops (OPS) called with their schema's argument
+  names. CPU: the flash kernel for CPU. CUDA: flash attention when torch says it can run the
+  shapes (fp16/bf16), else the memory-efficient kernel (not yet run on a GPU: tests/test_cuda.py).
 - "math": plain matmuls and softmax on any device and dtype; quadratic memory per call, the
   fallback and the thing tests compare the fused path against.
 - "auto": "fused" where it can run, else "math".
@@ -92,25 +93,95 @@ def unit_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
 
 
+# The private aten ops behind each fused kernel: (forward, backward). Their schemas change between
+# torch releases, so the arguments are passed by name (a renamed one fails loudly instead of
+# landing in another's place) and tests/test_kernels.py checks them against the installed torch.
+OPS = {
+    "cpu_flash": (
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_flash_attention_for_cpu_backward",
+    ),
+    "flash": (
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_flash_attention_backward",
+    ),
+    "efficient": (
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_efficient_attention_backward",
+    ),
+}
+
+
+def forward_arguments(kernel: str, q, k, v, *, causal: bool, scale: float) -> dict:
+    """The arguments of OPS[kernel][0], named as in its schema. Its first two results are used:
+    out and lse."""
+    if kernel == "efficient":
+        return dict(
+            query=q,
+            key=k,
+            value=v,
+            attn_bias=None,
+            compute_log_sumexp=True,
+            dropout_p=0.0,
+            is_causal=causal,
+            scale=scale,
+        )
+    arguments = dict(query=q, key=k, value=v, dropout_p=0.0, is_causal=causal, scale=scale)
+    if kernel == "flash":
+        arguments["return_debug_mask"] = False
+    return arguments
+
+
+def backward_arguments(kernel: str, grad_out, q, k, v, out, lse, *, causal, scale) -> dict:
+    """The arguments of OPS[kernel][1], named as in its schema. Its first three results are
+    used: dq, dk, dv."""
+    if kernel == "efficient":  # the kernel reads back the padded layout it returned
+        n = q.shape[-2]
+        lse = F.pad(lse, (0, -(-n // _EFFICIENT_LSE_ALIGNMENT) * _EFFICIENT_LSE_ALIGNMENT - n))
+    tensors = dict(query=q, key=k, value=v, out=out, logsumexp=lse)
+    if kernel == "cpu_flash":
+        return dict(grad_out=grad_out, **tensors, dropout_p=0.0, is_causal=causal, scale=scale)
+    # Without dropout the random state is never read.
+    no_rng = torch.empty((), dtype=torch.long, device=q.device)
+    if kernel == "flash":
+        return dict(
+            grad_out=grad_out,
+            **tensors,
+            cum_seq_q=None,  # dense calls, not varlen ones, have no cumulative lengths
+            cum_seq_k=None,
+            max_q=q.shape[-2],
+            max_k=k.shape[-2],
+            dropout_p=0.0,
+            is_causal=causal,
+            philox_seed=no_rng,
+            philox_offset=no_rng,
+            scale=scale,
+        )
+    return dict(
+        grad_out_=grad_out,
+        **tensors,
+        # None is the undefined tensor torch's own derivative passes when there is no bias.
+        attn_bias=None,
+        philox_seed=no_rng,
+        philox_offset=no_rng,
+        dropout_p=0.0,
+        grad_input_mask=[True, True, True, False],
+        is_causal=causal,
+        scale=scale,
+    )
+
+
+def _run(op_name: str, arguments: dict):
+    return getattr(_aten, op_name).default(**arguments)
+
+
 def attention_forward(q, k, v, *, causal: bool, scale: float, kernel: str):
     """(out in q's dtype, lse in accumulation dtype) for one dense attention."""
     if kernel != "math":
         q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)
-    if kernel == "cpu_flash":
-        out, lse = _aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, causal, scale=scale
-        )
-        return out, lse
-    if kernel == "flash":
-        out, lse, *_ = _aten._scaled_dot_product_flash_attention(
-            q, k, v, 0.0, causal, False, scale=scale
-        )
-        return out, lse
-    if kernel == "efficient":
-        out, lse, *_ = _aten._scaled_dot_product_efficient_attention(
-            q, k, v, None, True, 0.0, causal, scale=scale
-        )
-        return out, lse[..., : q.shape[-2]]
+        arguments = forward_arguments(kernel, q, k, v, causal=causal, scale=scale)
+        out, lse = _run(OPS[kernel][0], arguments)[:2]
+        return out, lse.narrow(-1, 0, q.shape[-2])  # the efficient kernel pads its query axis
     scores = _math_scores(q, k, causal, scale)
     lse = torch.logsumexp(scores, dim=-1)  # (b, h, n)
     out = torch.matmul(torch.exp(scores - lse.unsqueeze(-1)), v.to(scores.dtype))
@@ -121,50 +192,10 @@ def attention_backward(grad_out, q, k, v, out, lse, *, causal: bool, scale: floa
     """(dq, dk, dv) of one dense attention, with the softmax taken from the given out and lse."""
     if kernel != "math":
         grad_out, q, k, v, out = map(unit_stride, (grad_out, q, k, v, out))
-    if kernel == "cpu_flash":
-        return _aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad_out, q, k, v, out, lse, 0.0, causal, scale=scale
+        arguments = backward_arguments(
+            kernel, grad_out, q, k, v, out, lse, causal=causal, scale=scale
         )
-    if kernel == "flash":
-        # Without dropout the random state is unused; dense (not varlen) calls have no cum_seq.
-        no_rng = torch.empty((), dtype=torch.long, device=q.device)
-        return _aten._scaled_dot_product_flash_attention_backward(
-            grad_out,
-            q,
-            k,
-            v,
-            out,
-            lse,
-            None,
-            None,
-            q.shape[-2],
-            k.shape[-2],
-            0.0,
-            causal,
-            no_rng,
-            no_rng,
-            scale=scale,
-        )
-    if kernel == "efficient":
-        n = q.shape[-2]
-        padded = -(-n // _EFFICIENT_LSE_ALIGNMENT) * _EFFICIENT_LSE_ALIGNMENT
-        no_rng = torch.empty((), dtype=torch.long, device=q.device)
-        dq, dk, dv, _ = _aten._scaled_dot_product_efficient_attention_backward(
-            grad_out,
-            q,
-            k,
-            v,
-            None,
-            out,
-            F.pad(lse, (0, padded - n)),
-            no_rng,
-            no_rng,
-            0.0,
-            [True, True, True, False],
-            causal,
-            scale=scale,
-        )
-        return dq, dk, dv
+        return tuple(_run(OPS[kernel][1], arguments)[:3])
     dtype = lse.dtype
     grad_out, out = grad_out.to(dtype), out.to(dtype)
     probs = torch.exp(_math_scores(q, k, causal, scale) - lse.unsqueeze(-1))  # (b, h, n, s)
