@@ -1,4 +1,4 @@
-"""The dense float64 reference of dilated attention (../shared/SPEC.md): slow, quadratic, exact.
+"""The dense float64 reference of dilated attention (docs/semantics.md): slow, quadratic, exact.
 
 It builds, per head, the multiplicity m(q, k) = number of patterns in which q and k share a
 segment and are both kept (and k <= q when causal), and runs ONE softmax over the scores plus
@@ -20,6 +20,7 @@ def multiplicity(
     *,
     causal: bool = False,
     position_offset: int = 0,
+    head_shift: int = 0,
 ) -> torch.Tensor:
     """(heads, seq, seq) count of the patterns that let query position i see key position j."""
     positions = torch.arange(seq_len) + position_offset
@@ -30,13 +31,13 @@ def multiplicity(
         if causal:
             same_segment &= positions[None, :] <= positions[:, None]
         for head in range(heads):
-            kept = inner % r == head % r
+            kept = inner % r == (head + head_shift) % r
             counts[head] += same_segment & kept[:, None] & kept[None, :]
     return counts
 
 
 def dense_dilated_attention(
-    q, k, v, segment_lengths, dilation_rates, *, causal=False, softmax_scale=None
+    q, k, v, segment_lengths, dilation_rates, *, causal=False, softmax_scale=None, head_shift=0
 ):
     """q (b, n, h, d), k and v (b, n, g, d) -> (b, n, h, d) in float64."""
     q, k, v = q.double(), k.double(), v.double()
@@ -44,7 +45,9 @@ def dense_dilated_attention(
     group = heads // k.shape[2]
     k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
     scale = 1.0 / math.sqrt(dim) if softmax_scale is None else softmax_scale
-    counts = multiplicity(seq_len, heads, segment_lengths, dilation_rates, causal=causal)
+    counts = multiplicity(
+        seq_len, heads, segment_lengths, dilation_rates, causal=causal, head_shift=head_shift
+    )
     counts = counts.to(q.device)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale + counts.log()
     # A query no pattern keeps has no key at all: its row is zero (and its gradient too).

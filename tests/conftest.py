@@ -103,3 +103,43 @@ def mixture_of_patterns(q, k, v, segment_lengths, dilation_rates, *, causal=Fals
         weights = weights.detach()
     out = (weights * torch.stack(outs)).sum(0)  # (b, h, n, d)
     return out.transpose(1, 2)
+
+
+def _strided_copy(x: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
+    """x's values in memory laid out in dimension order `order` (outermost first)."""
+    return x.permute(order).contiguous().permute(tuple(order.index(i) for i in range(x.dim())))
+
+
+def _padded(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """x's values as every other element of a buffer twice as long along dim (stride 2)."""
+    shape = list(x.shape)
+    shape[dim] *= 2
+    buffer = torch.full(shape, math.nan, dtype=x.dtype, device=x.device)
+    index = [slice(None)] * x.dim()
+    index[dim] = slice(None, None, 2)
+    buffer[tuple(index)] = x
+    return buffer[tuple(index)]
+
+
+def _broadcast(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """A stride-0 view along dim: only defined for tensors whose values repeat along dim, so it
+    returns an expand of the first slice (callers compare against that slice made contiguous)."""
+    return x.narrow(dim, 0, 1).expand(x.shape)
+
+
+# Memory layouts of a (b, n, heads, d) tensor: name -> fn(x) giving the SAME values (except for
+# the stride-0 layouts, which repeat one slice; compare against fn(x).contiguous()) in another
+# layout. Every fast path must give what the contiguous input gives.
+LAYOUTS = {
+    "contiguous": lambda x: x,
+    "head_dim_strided": lambda x: _strided_copy(x, (3, 0, 1, 2)),  # rearrange "(d h)" gives this
+    "heads_outermost": lambda x: _strided_copy(x, (2, 0, 1, 3)),
+    "seq_outermost": lambda x: _strided_copy(x, (1, 0, 2, 3)),
+    "seq_sliced": lambda x: _padded(x, 1),
+    "head_dim_sliced": lambda x: _padded(x, 3),
+    "packed_qkv": lambda x: torch.stack([x, x + 1, x - 1], dim=3).unbind(3)[0],  # (b,n,h,3,d)
+    "head_dim_expanded": lambda x: _broadcast(x, 3),
+    "seq_expanded": lambda x: _broadcast(x, 1),
+    "heads_expanded": lambda x: _broadcast(x, 2),
+    "batch_expanded": lambda x: _broadcast(x, 0),
+}

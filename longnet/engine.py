@@ -1,0 +1,219 @@
+"""The executor of a plan (longnet/plan.py): forward and exact backward of dilated attention.
+
+One executor serves one device and sequence parallelism; the latter hands in an `exchange`
+that moves sparse K/V between ranks (longnet/ makes no torch.distributed call itself) and gets
+the local calls run while the exchange is in flight.
+
+Notation as in longnet/plan.py; `received` (2, b, N_recv, d) holds the K and V entries that
+other ranks sent.
+
+NOTE (paper Eq. 10): the patterns' outputs mix with weights proportional to their softmax
+denominators, i.e. by their log-sum-exps. The official code computes those weights under
+no_grad, which drops part of the gradient. Here every call's output and log-sum-exp merge in
+float32 (float64 for float64), and the backward runs every call's fused backward with the
+MERGED output and log-sum-exp: the exact gradient, storing nothing larger than the inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+
+from longnet.kernels import accumulation_dtype, attention_backward, attention_forward
+from longnet.plan import Block, Call, Plan, remote_index, send_index, to_blocks, to_kernel
+
+
+class Pending(Protocol):
+    def wait(self) -> torch.Tensor: ...
+
+
+# exchange(x (2, b, N_send, d), send_counts, recv_counts) -> Pending of (2, b, N_recv, d): what
+# each rank of the group sent this one, in source-rank order.
+Exchange = Callable[[torch.Tensor, tuple[int, ...], tuple[int, ...]], Pending]
+
+
+def queries(call: Call, x: torch.Tensor) -> torch.Tensor:
+    """(b*m, call heads, c, ...) of x (b, n, h, ...): a view for one block, else a copy."""
+    parts = [to_kernel(block.select(x)) for block in call.blocks]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def own_keys(call: Call, x: torch.Tensor) -> torch.Tensor:
+    """(b*m, call heads, c, d) of x (b, n, g, d): each query head's kv head."""
+    parts = [to_kernel(block.select_kv(x)) for block in call.blocks]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def received_keys(call: Call, received: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(b, call heads, s, d) keys and values of a remote call."""
+    keys, values = received[:, :, remote_index(call.remote, received.device)]
+    return keys, values
+
+
+def split(call: Call, part: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A call's (b*m, call heads, c, ...) result as one (b*m, hb, c, ...) view per block."""
+    return part.split(call.head_counts, dim=1)
+
+
+def merge(out, lse, block: Block, part_out, part_lse, first: bool) -> None:
+    """Fold one block's kernel result into the running out (b, n, h, d) and lse (b, n, h), in
+    place; lse is -inf where nothing was merged yet."""
+    part_out = to_blocks(block, part_out, out.shape[0])  # (b, m, c, hb, d)
+    part_lse = to_blocks(block, part_lse, out.shape[0])  # (b, m, c, hb)
+    out_view, lse_view = block.select(out), block.select(lse)
+    if first:
+        out_view.copy_(part_out)
+        lse_view.copy_(part_lse)
+        return
+    new_lse = torch.logaddexp(lse_view, part_lse)
+    out_view.mul_(torch.exp(lse_view - new_lse).unsqueeze(-1))
+    out_view.add_(part_out * torch.exp(part_lse - new_lse).unsqueeze(-1))
+    lse_view.copy_(new_lse)
+
+
+def adopt(block: Block | None, parts, shapes, dtype) -> list[torch.Tensor] | None:
+    """The kernel results (b*m, h, L, ...) of the plan's spanning block as the (b, n, h, ...)
+    tensors they lay out, or None unless every one has the dtype and a contiguous layout."""
+    if block is None:
+        return None
+    wholes = []
+    for part, shape in zip(parts, shapes, strict=True):
+        whole = to_blocks(block, part, shape[0]).flatten(1, 2)
+        if part.dtype != dtype or tuple(whole.shape) != tuple(shape) or not whole.is_contiguous():
+            return None
+        wholes.append(whole)
+    return wholes
+
+
+def new_accumulator(plan: Plan, shape, like: torch.Tensor, dtype, fill: float = 0.0):
+    """A tensor the first pattern's calls overwrite entirely (no fill) where it has r = 1."""
+    if plan.covers_all:
+        return torch.empty(shape, dtype=dtype, device=like.device)
+    return torch.full(shape, fill, dtype=dtype, device=like.device)
+
+
+def sparse_kv(k: torch.Tensor, v: torch.Tensor, plan: Plan) -> torch.Tensor:
+    """(2, b, N_send, d): the entries of this shard's K and V that other ranks read."""
+    index = send_index(plan.send, k.device)
+    return torch.stack([x.flatten(1, 2)[:, index] for x in (k, v)])
+
+
+def forward(q, k, v, plan: Plan, *, scale: float, kernel: str, exchange: Exchange | None = None):
+    """(out (b, n, h, d) in q's dtype, lse (b, n, h) in the accumulation dtype, received)."""
+    acc = accumulation_dtype(q.dtype)
+    pending = None
+    if plan.remote:  # in flight while the local calls run
+        pending = exchange(sparse_kv(k, v, plan), plan.send_counts, plan.recv_counts)
+    out = lse = None
+    for call in plan.local:
+        call_out, call_lse = attention_forward(
+            queries(call, q),
+            own_keys(call, k),
+            own_keys(call, v),
+            causal=call.causal,
+            scale=scale,
+            kernel=kernel,
+        )
+        if out is None:
+            adopted = adopt(plan.spanning, (call_out, call_lse), (q.shape, q.shape[:3]), acc)
+            if adopted is not None:
+                out, lse = adopted
+                continue
+            out = new_accumulator(plan, q.shape, q, acc)  # (b, n, h, d)
+            lse = new_accumulator(plan, q.shape[:3], q, acc, -math.inf)  # (b, n, h)
+        for block, part_out, part_lse in zip(
+            call.blocks, split(call, call_out), split(call, call_lse), strict=True
+        ):
+            merge(out, lse, block, part_out, part_lse, call.first_write)
+    if out is None:  # this shard holds no token of the first pattern
+        out = torch.zeros(q.shape, dtype=acc, device=q.device)
+        lse = torch.full(q.shape[:3], -math.inf, dtype=acc, device=q.device)
+    received = pending.wait() if pending is not None else None
+    for call in plan.remote:
+        call_out, call_lse = attention_forward(
+            queries(call, q),
+            *received_keys(call, received),
+            causal=False,
+            scale=scale,
+            kernel=kernel,
+        )
+        for block, part_out, part_lse in zip(
+            call.blocks, split(call, call_out), split(call, call_lse), strict=True
+        ):
+            merge(out, lse, block, part_out, part_lse, first=False)
+    # NOTE: torch's CPU flash kernel turns a query row with a NaN into a zero output with a
+    # finite log-sum-exp; a NaN must reach exactly the outputs that read it, as in the math.
+    poisoned = q.isnan().any(-1) & (lse != -math.inf)  # (b, n, h): kept queries only
+    out.masked_fill_(poisoned.unsqueeze(-1), math.nan)
+    lse.masked_fill_(poisoned, math.nan)
+    return out.to(q.dtype), lse, received
+
+
+def backward(grad_out, q, k, v, out, lse, received, plan: Plan, *, scale, kernel, exchange=None):
+    """(dq, dk, dv) in the inputs' dtypes. Remote calls run first, so that the gradients of the
+    received entries travel back to their owners while the local calls run."""
+    acc = lse.dtype
+    grad_q = grad_k = grad_v = pending = None
+    if plan.remote:
+        grad_q = torch.zeros(q.shape, dtype=acc, device=q.device)
+        grad_received = torch.zeros(received.shape, dtype=acc, device=q.device)
+        for call in plan.remote:
+            dq, dk, dv = attention_backward(
+                queries(call, grad_out),
+                queries(call, q),
+                *received_keys(call, received),
+                queries(call, out),
+                queries(call, lse),
+                causal=False,
+                scale=scale,
+                kernel=kernel,
+            )
+            for block, part in zip(call.blocks, split(call, dq), strict=True):
+                block.add(grad_q, part, first=False)
+            # (2, b, heads, s, d) -> (2, b, heads*s, d); heads that share an entry add up
+            grad_kv = torch.stack([dk, dv]).flatten(2, 3).to(acc)
+            index = remote_index(call.remote, q.device).flatten()
+            grad_received.index_add_(2, index, grad_kv)
+        # The gradient of the exchange: the reverse exchange, summed at the owners.
+        pending = exchange(grad_received, plan.recv_counts, plan.send_counts)
+    for call in plan.local:
+        grads = attention_backward(
+            queries(call, grad_out),
+            queries(call, q),
+            own_keys(call, k),
+            own_keys(call, v),
+            queries(call, out),
+            queries(call, lse),
+            causal=call.causal,
+            scale=scale,
+            kernel=kernel,
+        )
+        if grad_k is None:
+            spanning = None if plan.remote else plan.spanning
+            adopted = adopt(spanning, grads, (q.shape, k.shape, v.shape), acc)
+            if adopted is not None:
+                grad_q, grad_k, grad_v = adopted
+                continue
+            if grad_q is None:
+                grad_q = new_accumulator(plan, q.shape, q, acc)  # (b, n, h, d)
+            grad_k, grad_v = (
+                new_accumulator(plan, x.shape, x, acc)
+                if k.shape[2] == q.shape[2]
+                else torch.zeros(x.shape, dtype=acc, device=x.device)
+                for x in (k, v)
+            )  # (b, n, g, d)
+        for block, dq, dk, dv in zip(call.blocks, *(split(call, g) for g in grads), strict=True):
+            block.add(grad_q, dq, first=call.first_write and not plan.remote)
+            block.add_kv(grad_k, dk, first=call.first_write)
+            block.add_kv(grad_v, dv, first=call.first_write)
+    if grad_k is None:  # no local call
+        grad_q = torch.zeros(q.shape, dtype=acc, device=q.device) if grad_q is None else grad_q
+        grad_k, grad_v = (torch.zeros(x.shape, dtype=acc, device=x.device) for x in (k, v))
+    if pending is not None:
+        index = send_index(plan.send, k.device)
+        for grad, returned in zip((grad_k, grad_v), pending.wait(), strict=True):
+            grad.flatten(1, 2).index_add_(1, index, returned)
+    return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype)
