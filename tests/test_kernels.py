@@ -10,8 +10,9 @@ The CUDA kernels cannot run here, so three things stand in for them:
 - torch's CUDA capability checks, replaced by stand-ins: which kernel resolve_backend picks from
   their answers. What torch answers on a real GPU is tested in tests/test_cuda.py.
 
-NOTE: only the kernel calls run on fake tensors, not dilated_attention as a whole: planning its
-calls reads head indices back from the device (.tolist()), which a fake tensor has no values for.
+NOTE: only the kernel calls run on fake CUDA tensors, not longnet.engine around them: Python
+indexing (x[:, a:b]) opens a CUDA device guard, even for a fake tensor, and a CPU-only build of
+torch has none ("PyTorch is not linked with support for cuda devices").
 """
 
 import math
