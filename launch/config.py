@@ -3,102 +3,130 @@
     run:         where the run lives and how it is logged
     train:       steps, seed, logging and evaluation cadence
     model:       a preset name plus any LongNetConfig field
-    data:        the corpus, tokenizer and seq_len (launch.data.DataConfig)
+    data:        the corpus, tokenizer and seq_len (longnet.launch.data.DataConfig)
     parallel:    the sequence-parallel degree (data parallel takes the rest of the world)
     checkpoint:  cadence and resumption
     deepspeed:   DeepSpeed's own config, passed through (zero_optimization, bf16, fp16,
                  gradient_accumulation_steps, gradient_clipping, optimizer, scheduler, ...)
 
-Unknown keys and values of the wrong type raise ValueError naming the dotted key, before any
-heavy work. The resolved tree is saved with the run (config.yaml in run.output_dir).
+The sections are strict pydantic models: unknown keys and values of the wrong type raise one
+ValueError naming the dotted keys, before any heavy work. The resolved tree is saved with the run
+(config.yaml in run.output_dir). `--config NAME` also finds the configs shipped with the package.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import types
-import typing
-from dataclasses import dataclass, field
+import re
+from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveInt,
+    ValidationError,
+    model_validator,
+)
 
 from longnet.config import LongNetConfig
 from longnet.launch.data import DataConfig
 
-WANDB_MODES = ("offline", "online", "disabled")
+
+class YAMLLoader(yaml.SafeLoader):
+    """PyYAML reads YAML 1.1, where 1e-3, 1E4, -.5 and +1e3 are strings (its floats need a dot
+    and a signed exponent); YAML 1.2's float syntax, added below, makes them numbers."""
 
 
-@dataclass
-class RunConfig:
+YAMLLoader.add_implicit_resolver(  # after int and 1.1's float, so "12" stays an int
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$"),
+    list("-+.0123456789"),
+)
+
+
+class _Section(BaseModel):
+    # strict: YAML already gives numbers and booleans, so "5" or true for an int is a mistake.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class RunConfig(_Section):
     output_dir: str = "runs/longnet"
     name: str | None = None  # default: the output folder's name
-    wandb_mode: str = "offline"  # offline works without a network; `wandb sync` uploads later
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"  # offline needs no network
     wandb_project: str = "longnet"
     wandb_entity: str | None = None
 
-    def __post_init__(self):
-        if self.wandb_mode not in WANDB_MODES:
-            raise ValueError(
-                f"run.wandb_mode must be one of {WANDB_MODES}, got {self.wandb_mode!r}"
-            )
 
-
-@dataclass
-class TrainConfig:
-    steps: int = 1000  # optimizer steps
+class TrainConfig(_Section):
+    steps: PositiveInt = 1000  # optimizer steps
     seed: int = 0
-    log_interval: int = 10
-    eval_interval: int = 200  # 0: evaluate only at the end
-    eval_batches: int = 8  # validation micro-batches per evaluation
+    log_interval: PositiveInt = 10
+    eval_interval: NonNegativeInt = 200  # 0: evaluate only at the end
+    eval_batches: PositiveInt = 8  # validation micro-batches per evaluation
     # Extra context lengths to evaluate at (LongNet's claim: loss keeps falling with context).
-    eval_seq_lens: list[int] = field(default_factory=list)
-
-    def __post_init__(self):
-        for name in ("steps", "log_interval", "eval_batches"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if self.eval_interval < 0:
-            raise ValueError(f"train.eval_interval must be >= 0, got {self.eval_interval}")
-        if any(n < 2 for n in self.eval_seq_lens):
-            raise ValueError(f"train.eval_seq_lens must be >= 2, got {self.eval_seq_lens}")
+    eval_seq_lens: list[Annotated[int, Field(ge=2)]] = []
 
 
-@dataclass
-class ModelConfig:
-    """A preset of longnet.LongNetConfig with any of its fields overridden."""
+class ModelConfig(_Section):
+    """A preset of longnet.LongNetConfig with any of its fields overridden (written next to
+    `preset`; LongNetConfig validates them)."""
 
+    model_config = ConfigDict(extra="allow", strict=True)
     preset: str = "longnet-tiny"
-    overrides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def overrides(self) -> dict[str, Any]:
+        return dict(self.model_extra)
 
     def build(self) -> LongNetConfig:
         return LongNetConfig.preset(self.preset, **self.overrides)
 
-
-@dataclass
-class ParallelConfig:
-    sequence_parallel_size: int = 1
-
-    def __post_init__(self):
-        if self.sequence_parallel_size < 1:
+    @model_validator(mode="after")
+    def _buildable(self) -> ModelConfig:
+        known = LongNetConfig.__dataclass_fields__
+        unknown = [key for key in self.overrides if key not in known]
+        if unknown:
             raise ValueError(
-                f"parallel.sequence_parallel_size must be >= 1, got {self.sequence_parallel_size}"
+                f"unknown config key {', '.join('model.' + k for k in unknown)}; model takes "
+                f"preset and the LongNetConfig fields: {', '.join(known)}"
             )
+        try:
+            self.build()
+        except ValueError as error:
+            raise ValueError(f"model: {error}") from None
+        return self
 
 
-@dataclass
-class CheckpointConfig:
-    interval: int = 0  # optimizer steps between checkpoints; 0: only at the end
+class ParallelConfig(_Section):
+    sequence_parallel_size: PositiveInt = 1
+
+
+class CheckpointConfig(_Section):
+    interval: NonNegativeInt = 0  # optimizer steps between checkpoints; 0: only at the end
     resume: str = "auto"  # auto: the latest complete checkpoint if any; none; or a folder
-    keep: int = 2  # complete checkpoints kept (older ones are deleted)
+    keep: PositiveInt = 2  # complete checkpoints kept (older ones are deleted)
 
-    def __post_init__(self):
-        if self.interval < 0:
-            raise ValueError(f"checkpoint.interval must be >= 0, got {self.interval}")
-        if self.keep < 1:
-            raise ValueError(f"checkpoint.keep must be >= 1, got {self.keep}")
+
+def _data_config(values: Any) -> Any:
+    """The data section as a DataConfig, which checks its own values (it is also built directly,
+    without this tree)."""
+    if isinstance(values, DataConfig):
+        return values
+    if not isinstance(values, dict):
+        raise ValueError(f"data must be a mapping, got {values!r}")
+    known = DataConfig.__dataclass_fields__
+    unknown = [key for key in values if key not in known]
+    if unknown:
+        raise ValueError(
+            f"unknown config key {', '.join('data.' + k for k in unknown)}; "
+            f"data takes: {', '.join(known)}"
+        )
+    return DataConfig(**values)
 
 
 def _default_deepspeed() -> dict[str, Any]:
@@ -116,91 +144,77 @@ def _default_deepspeed() -> dict[str, Any]:
     }
 
 
-@dataclass
-class Config:
-    run: RunConfig = field(default_factory=RunConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    deepspeed: dict[str, Any] = field(default_factory=_default_deepspeed)
+class Config(_Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: Annotated[DataConfig, BeforeValidator(_data_config)] = Field(default_factory=DataConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    deepspeed: dict[str, Any] = Field(default_factory=_default_deepspeed)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self.model_dump()
 
 
-def _coerce(value: Any, kind: Any, key: str) -> Any:
-    """value converted to the annotated type `kind`, or ValueError naming the key."""
-    origin, args = typing.get_origin(kind), typing.get_args(kind)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [arg for arg in args if arg is not type(None)]
-        return _coerce(value, inner, key)
-    if kind is Any:
-        return value
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{key} must be a list, got {value!r}")
-        return [_coerce(item, args[0], f"{key}[{i}]") for i, item in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"{key} must be a mapping, got {value!r}")
-        return value
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{key} must be true or false, got {value!r}")
-        return value
-    if kind is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{key} must be an integer, got {value!r}")
-        return value
-    if kind is float:
-        if isinstance(value, str):  # YAML reads 6e-4 as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{key} must be a number, got {value!r}")
-        return float(value)
-    if kind is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{key} must be a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported config type {kind} for {key}")
+def _describe(error: dict) -> str:
+    """One pydantic error as `key: problem`, naming the dotted key."""
+    loc = error["loc"]
+    key = str(loc[0]) + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc[1:])
+    if error["type"] == "value_error":  # raised by the validators above: names its key already
+        return str(error["ctx"]["error"])
+    if error["type"] == "extra_forbidden":
+        section = Config
+        for part in loc[:-1]:
+            section = section.model_fields[part].annotation
+        where = f"{'.'.join(loc[:-1])} takes" if len(loc) > 1 else "sections are"
+        return f"unknown config key {key}; {where}: {', '.join(section.model_fields)}"
+    return f"{key}: {error['msg']}, got {error['input']!r}"
 
 
-def _build(cls: type, values: dict[str, Any], prefix: str):
-    """An instance of the dataclass `cls` from a nested dict, rejecting unknown keys."""
-    if not isinstance(values, dict):
-        raise ValueError(f"{prefix or 'the config'} must be a mapping, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        where = f" in {prefix}" if prefix else ""
+def config_path(name: str | Path) -> Path:
+    """The YAML file `name`; a bare name that is not a file (tiny-cpu, tiny-cpu.yaml) is one of
+    the configs shipped with the package."""
+    path = Path(name)
+    if path.is_file() or path.parent != Path("."):
+        return path
+    shipped = resources.files("longnet.configs")
+    file = shipped / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
+    if file.is_file():
+        return Path(str(file))
+    names = sorted(
+        p.name.removesuffix(".yaml") for p in shipped.iterdir() if p.name.endswith(".yaml")
+    )
+    raise ValueError(f"config file {str(name)!r} does not exist (shipped: {', '.join(names)})")
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """The mapping in a YAML file; ValueError with file:line:column for malformed YAML."""
+    if not path.is_file():
+        raise ValueError(f"config file {str(path)!r} does not exist")
+    try:
+        loaded = yaml.load(path.read_text(encoding="utf-8"), YAMLLoader)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        problem = " ".join(str(error.problem or error.context).split())
+        raise ValueError(f"{path}:{mark.line + 1}:{mark.column + 1}: bad YAML: {problem}") from None
+    except (yaml.YAMLError, OSError, UnicodeError) as error:
         raise ValueError(
-            f"unknown config key{where}: {', '.join(prefix + k for k in unknown)}; "
-            f"known: {', '.join(sorted(names))}"
-        )
-    kwargs = {}
-    for name, value in values.items():
-        kind, key = hints[name], prefix + name
-        if dataclasses.is_dataclass(kind):
-            kwargs[name] = _build(kind, value, key + ".")
-        else:
-            kwargs[name] = _coerce(value, kind, key)
-    return cls(**kwargs)
+            f"{path}: cannot read the config: {' '.join(str(error).split())}"
+        ) from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"config file {str(path)!r} must hold a mapping, got {loaded!r}")
+    return loaded
 
 
-def _merge(base: dict, update: dict, prefix: str = "") -> dict:
-    """base deep-updated by update; new keys are allowed here and rejected later by _build."""
+def _merge(base: dict, update: dict) -> dict:
+    """base deep-updated by update; unknown keys are rejected later, by the models."""
     merged = dict(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value, f"{prefix}{key}.")
+            merged[key] = _merge(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -213,11 +227,11 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     path = key.strip().split(".")
     if not all(path):
         raise ValueError(f"override {item!r}: empty key segment in {key!r}")
-    value = yaml.safe_load(text) if text.strip() else ""
-    if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
-        with contextlib.suppress(ValueError):
-            value = float(value)
-    return path, value
+    try:
+        return path, yaml.load(text, YAMLLoader) if text.strip() else ""
+    except yaml.YAMLError as error:
+        problem = " ".join(str(getattr(error, "problem", None) or error).split())
+        raise ValueError(f"override {item!r}: bad YAML value: {problem}") from None
 
 
 def _set(tree: dict, path: list[str], value: Any, item: str) -> None:
@@ -230,44 +244,25 @@ def _set(tree: dict, path: list[str], value: Any, item: str) -> None:
     node[path[-1]] = value
 
 
-def _model_section(tree: dict) -> None:
-    """Users write model fields next to `preset`; they become ModelConfig.overrides."""
-    model = tree.get("model")
-    if isinstance(model, dict):
-        preset = model.get("preset", ModelConfig.preset)
-        overrides = {k: v for k, v in model.items() if k not in ("preset", "overrides")}
-        tree["model"] = {"preset": preset, "overrides": {**model.get("overrides", {}), **overrides}}
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """defaults < the YAML file at `path` < `overrides` ("section.key=value", YAML values)."""
-    tree = Config().to_dict()
+    """defaults < the YAML file at `path` (or a shipped config's name) < `overrides`
+    ("section.key=value", YAML values). ValueError with a one-line message on bad input."""
+    # The deepspeed section is free-form: a file's keys update the defaults instead of
+    # replacing the whole section, as the typed sections' fields do.
+    tree = {"deepspeed": _default_deepspeed()}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"config file {str(path)!r} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"config file {str(path)!r} must hold a mapping, got {loaded!r}")
-        _model_section(loaded)
-        tree = _merge(tree, loaded)
+        tree = _merge(tree, read_yaml(config_path(path)))
     for item in overrides:
         keys, value = _parse_override(item)
-        if keys[0] == "model" and len(keys) > 1 and keys[1] not in ("preset", "overrides"):
-            keys = ["model", "overrides", *keys[1:]]
         _set(tree, keys, value, item)
-    config = _build(Config, tree, "")
     try:
-        config.model.build()
-    except (ValueError, TypeError) as error:
-        raise ValueError(f"model: {error}") from None
-    return config
+        return Config.model_validate(tree)
+    except ValidationError as error:
+        raise ValueError("; ".join(_describe(e) for e in error.errors())) from None
 
 
 def save_config(config: Config, path: Path) -> None:
     """The resolved config as YAML (written to a temporary file first: never half-written)."""
-    model = config.to_dict()
-    model["model"] = {"preset": config.model.preset, **config.model.overrides}
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(model, sort_keys=False))
+    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     tmp.replace(path)

@@ -363,6 +363,8 @@ def test_concurrent_prepare(tmp_path, corpus_folder):
         (dict(tokenizer=""), "data.tokenizer must be a non-empty string"),
         (dict(tokenizer="tiktoken:"), "needs an encoding name"),
         (dict(text_field=""), "data.text_field"),
+        (dict(source="files", path=5), "data.path must be a string, got 5"),
+        (dict(cache_dir=["a"]), "data.cache_dir must be a string, got \\['a'\\]"),
     ],
 )
 def test_bad_config_values(values, match):

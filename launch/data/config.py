@@ -56,6 +56,9 @@ class DataConfig:
             raise ValueError("data.path is required with data.source='files'")
         if self.source == "hub" and not self.hub_name:
             raise ValueError("data.hub_name is required with data.source='hub'")
+        for name in ("path", "hub_name", "hub_config", "cache_dir"):
+            if not isinstance(getattr(self, name), str | None):
+                raise ValueError(f"data.{name} must be a string, got {getattr(self, name)!r}")
         for name in ("text_field", "tokenizer", "hub_split"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(
