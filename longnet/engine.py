@@ -105,7 +105,7 @@ def forward(q, k, v, plan: Plan, *, scale: float, kernel: str, exchange: Exchang
     """(out (b, n, h, d) in q's dtype, lse (b, n, h) in the accumulation dtype, received)."""
     acc = accumulation_dtype(q.dtype)
     pending = None
-    if plan.remote:  # in flight while the local calls run
+    if plan.exchanges:  # in flight while the local calls run
         pending = exchange(sparse_kv(k, v, plan), plan.send_counts, plan.recv_counts)
     out = lse = None
     for call in plan.local:
@@ -157,7 +157,7 @@ def backward(grad_out, q, k, v, out, lse, received, plan: Plan, *, scale, kernel
     received entries travel back to their owners while the local calls run."""
     acc = lse.dtype
     grad_q = grad_k = grad_v = pending = None
-    if plan.remote:
+    if plan.exchanges:
         grad_q = torch.zeros(q.shape, dtype=acc, device=q.device)
         grad_received = torch.zeros(received.shape, dtype=acc, device=q.device)
         for call in plan.remote:
@@ -192,7 +192,7 @@ def backward(grad_out, q, k, v, out, lse, received, plan: Plan, *, scale, kernel
             kernel=kernel,
         )
         if grad_k is None:
-            spanning = None if plan.remote else plan.spanning
+            spanning = None if plan.exchanges else plan.spanning
             adopted = adopt(spanning, grads, (q.shape, k.shape, v.shape), acc)
             if adopted is not None:
                 grad_q, grad_k, grad_v = adopted
@@ -206,7 +206,7 @@ def backward(grad_out, q, k, v, out, lse, received, plan: Plan, *, scale, kernel
                 for x in (k, v)
             )  # (b, n, g, d)
         for block, dq, dk, dv in zip(call.blocks, *(split(call, g) for g in grads), strict=True):
-            block.add(grad_q, dq, first=call.first_write and not plan.remote)
+            block.add(grad_q, dq, first=call.first_write and not plan.exchanges)
             block.add_kv(grad_k, dk, first=call.first_write)
             block.add_kv(grad_v, dv, first=call.first_write)
     if grad_k is None:  # no local call

@@ -176,9 +176,15 @@ class Plan:
     recv_counts: tuple[int, ...] = (0,)
 
     @property
+    def exchanges(self) -> bool:
+        """A segment spans ranks: this rank takes part in the exchange, even with nothing to
+        send or receive."""
+        return len(self.send_counts) > 1
+
+    @property
     def covers_all(self) -> bool:
         """The first pattern has r = 1, so its calls write every (position, head)."""
-        return bool(self.local) and self.local[0].blocks[0].rate == 1
+        return bool(self.local) and self.local[0].first_write and self.local[0].blocks[0].rate == 1
 
     @property
     def spanning(self) -> Block | None:
@@ -291,8 +297,9 @@ def make_plan(
             spanning.append((index, (length, r), ranks, found))
         groups = pack(found, lambda block: block.shape, is_small)
         local += [Call(group, causal, first_write=index == 0) for group in groups]
-    if not spanning:
+    if world == 1 or all(min(w, seq_len) <= shard_len for w, _ in patterns):
         return Plan(local=tuple(local))
+    # Some segment spans ranks: every rank takes part in the exchange, this one too.
     return Plan(
         local=tuple(local), **exchange_plan(rank, world, shard_len, spanning, causal, shape)
     )

@@ -1,4 +1,4 @@
-"""Sequence-parallel dilated attention on real gloo process groups (../shared/SPEC.md).
+"""Sequence-parallel dilated attention on real gloo process groups (docs/sequence-parallel.md).
 
 The invariant: concatenating the ranks' outputs and q/k/v gradients gives what single-process
 longnet.dilated_attention (and the dense reference) gives on the whole sequence. Four worker
@@ -13,7 +13,16 @@ import functools
 import distributed_utils
 import pytest
 import torch
-from conftest import TOLERANCE, make_qkv, max_error, outputs_and_grads, randn, reference_fn
+from conftest import (
+    LAYOUTS,
+    TOLERANCE,
+    assert_matches,
+    make_qkv,
+    max_error,
+    outputs_and_grads,
+    randn,
+    reference_fn,
+)
 
 from longnet import DilatedAttention, dilated_attention
 from longnet.distributed import (
@@ -22,6 +31,7 @@ from longnet.distributed import (
     sequence_parallel_dilated_attention,
     shard_sequence,
 )
+from longnet.reference import dense_dilated_attention
 
 DIM = 8
 FLOAT64_BYTES = 8
@@ -142,7 +152,7 @@ def test_matches_single_device(size, case, causal):
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_bytes_follow_spec_formula(causal):
+def test_bytes_follow_the_formula(causal):
     """SPEC: 2 (W / r) H d b (1 - L / W) bytes received per rank and spanning pattern, W =
     min(w, n), here with kv_heads == heads; with causal masking a rank at position i of its
     segment receives from the i earlier ranks only. Patterns inside a shard receive nothing."""
@@ -235,18 +245,123 @@ def test_bad_layouts_raise():
         assert "sequence length 9" in indivisible and "4 ranks" in indivisible
 
 
-def test_single_process_is_dilated_attention():
-    """No process group: P = 1, exactly longnet.dilated_attention, nothing communicated."""
+def test_single_process_matches_reference():
+    """No process group: P = 1, the whole sequence on this process, nothing communicated."""
     assert not torch.distributed.is_initialized()
     generator = torch.Generator().manual_seed(0)
     q, k, v = make_qkv(generator, 2, 24, 4, 2, DIM)
-    grad_out = randn(generator, *q.shape)
     lengths, rates = [8, 64], [1, 3]
     fn = functools.partial(sequence_parallel_dilated_attention, causal=True)
-    actual = outputs_and_grads(lambda *x: fn(*x, lengths, rates), q, k, v, grad_out)
-    expected = outputs_and_grads(
-        lambda *x: dilated_attention(*x, lengths, rates, causal=True), q, k, v, grad_out
+    assert_matches(
+        lambda *x: fn(*x, lengths, rates),
+        q,
+        k,
+        v,
+        reference_fn(lengths, rates, True),
+        TOLERANCE[torch.float64],
     )
-    for a, e in zip(actual, expected, strict=True):
-        assert torch.equal(a, e)
     assert last_communication() == Communication()
+
+
+def run_layouts(inputs, lengths, rates, causal):
+    """Worker (the world, 4 ranks): max error over q/k/v/grad_out layouts of this rank's output
+    and gradients against the same shard passed contiguous."""
+    shards = [shard_sequence(x) for x in inputs]
+
+    def run(layout, contiguous):
+        transformed = [LAYOUTS[layout](x) for x in shards]
+        if contiguous:
+            transformed = [x.contiguous() for x in transformed]
+        leaves = [x.detach().requires_grad_() for x in transformed[:3]]
+        out = sequence_parallel_dilated_attention(*leaves, lengths, rates, causal=causal)
+        out.backward(transformed[3])
+        return (out.detach(), *(x.grad for x in leaves))
+
+    return {
+        layout: max(
+            max_error(a, e) for a, e in zip(run(layout, False), run(layout, True), strict=True)
+        )
+        for layout in LAYOUTS
+    }
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_every_memory_layout_gives_the_contiguous_numbers(causal):
+    generator = torch.Generator().manual_seed(3)
+    q, k, v = make_qkv(generator, 2, 4 * 8, 4, 2, DIM)
+    grad_out = randn(generator, *q.shape)
+    inputs = tuple(x.detach() for x in (q, k, v, grad_out))
+    lengths, rates = [4, 16, 32], [1, 2, 3]  # local, spanning 2 and spanning 4 ranks
+    for errors in distributed_utils.run(run_layouts, inputs, lengths, rates, causal):
+        assert errors.keys() == LAYOUTS.keys()
+        for layout, error in errors.items():
+            assert error <= TOLERANCE[torch.float64], layout
+
+
+def run_head_shift(inputs, lengths, rates, shift, overlap):
+    q, k, v, grad_out = (shard_sequence(x) for x in inputs)
+    q, k, v = (x.clone().requires_grad_() for x in (q, k, v))
+    out = sequence_parallel_dilated_attention(
+        q, k, v, lengths, rates, causal=True, head_shift=shift, overlap=overlap
+    )
+    out.backward(grad_out)
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "no_overlap"])
+@pytest.mark.parametrize("shift", [0, 3])
+def test_head_shift_and_overlap_match_reference(shift, overlap):
+    generator = torch.Generator().manual_seed(4)
+    q, k, v = make_qkv(generator, 1, 4 * 6, 4, 2, DIM)
+    grad_out = randn(generator, *q.shape)
+    lengths, rates = [6, 12, 24], [1, 2, 5]
+    inputs = tuple(x.detach() for x in (q, k, v, grad_out))
+    results = distributed_utils.run(run_head_shift, inputs, lengths, rates, shift, overlap)
+    actual = [torch.cat(parts, dim=1) for parts in zip(*results, strict=True)]
+
+    def reference(q, k, v):
+        return dense_dilated_attention(q, k, v, lengths, rates, causal=True, head_shift=shift)
+
+    expected = outputs_and_grads(reference, q, k, v, grad_out)
+    for name, a, e in zip(("out", "dq", "dk", "dv"), actual, expected, strict=True):
+        assert max_error(a, e) <= TOLERANCE[torch.float64], name
+
+
+# What one rank passes differently: (name in the error, the arguments of rank 1).
+DISAGREEMENTS = {
+    "q (shape": dict(shard_len=9),
+    "segment_lengths": dict(lengths=[4, 32]),
+    "k (shape": dict(kv_heads=1),
+    "q (shape, dtype": dict(dtype=torch.float32),
+    "causal": dict(causal=False),
+}
+
+
+def run_disagreement(odd: dict):
+    """Worker: rank 1 passes `odd`; every rank returns its error message, then all run a call
+    they agree on (the group must still work: no hang, no half-finished collective)."""
+    rank = torch.distributed.get_rank()
+    options = dict(shard_len=8, lengths=[4, 16], kv_heads=2, dtype=torch.float64, causal=True)
+    if rank == 1:
+        options.update(odd)
+    q = torch.ones(1, options["shard_len"], 4, DIM, dtype=options["dtype"])
+    k = torch.ones(1, options["shard_len"], options["kv_heads"], DIM, dtype=options["dtype"])
+    try:
+        sequence_parallel_dilated_attention(
+            q, k, k, options["lengths"], [1, 2], causal=options["causal"]
+        )
+        message = None
+    except ValueError as error:
+        message = str(error)
+    q = torch.ones(1, 8, 4, DIM, dtype=torch.float64)
+    out = sequence_parallel_dilated_attention(q, q, q, [4, 16], [1, 2], causal=True)
+    return message, out.sum().item()
+
+
+@pytest.mark.parametrize("name", list(DISAGREEMENTS))
+def test_ranks_that_disagree_raise_on_every_rank(name):
+    results = distributed_utils.run(run_disagreement, DISAGREEMENTS[name])
+    for rank, (message, total) in enumerate(results):
+        assert message is not None, f"rank {rank} raised nothing"
+        assert "differ" in message and name in message, message
+        assert total == 8 * 4 * DIM  # the agreed call afterwards: ones attend ones
