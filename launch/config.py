@@ -188,20 +188,24 @@ def config_path(name: str | Path) -> Path:
     raise ValueError(f"config file {str(name)!r} does not exist (shipped: {', '.join(names)})")
 
 
+def _problem(error: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong, without the quoted excerpt of the text."""
+    return " ".join(str(getattr(error, "problem", None) or error).split())
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     """The mapping in a YAML file; ValueError with file:line:column for malformed YAML."""
     if not path.is_file():
         raise ValueError(f"config file {str(path)!r} does not exist")
     try:
         loaded = yaml.load(path.read_text(encoding="utf-8"), YAMLLoader)
-    except yaml.MarkedYAMLError as error:
-        mark = error.problem_mark or error.context_mark
-        problem = " ".join(str(error.problem or error.context).split())
-        raise ValueError(f"{path}:{mark.line + 1}:{mark.column + 1}: bad YAML: {problem}") from None
-    except (yaml.YAMLError, OSError, UnicodeError) as error:
-        raise ValueError(
-            f"{path}: cannot read the config: {' '.join(str(error).split())}"
-        ) from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ValueError(f"{where}: bad YAML: {_problem(error)}") from None
+    except (OSError, UnicodeError) as error:
+        message = " ".join(str(error).split())
+        raise ValueError(f"{path}: cannot read the config: {message}") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
@@ -230,8 +234,7 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     try:
         return path, yaml.load(text, YAMLLoader) if text.strip() else ""
     except yaml.YAMLError as error:
-        problem = " ".join(str(getattr(error, "problem", None) or error).split())
-        raise ValueError(f"override {item!r}: bad YAML value: {problem}") from None
+        raise ValueError(f"override {item!r}: bad YAML value: {_problem(error)}") from None
 
 
 def _set(tree: dict, path: list[str], value: Any, item: str) -> None:
