@@ -1,16 +1,16 @@
-"""Incremental decoding for LongNetLM: a key/value cache and the exact dilated attention of one
-new token against it.
+"""Incremental decoding for LongNetLM: a ring-buffer key/value cache and the exact dilated
+attention of one new token against it.
 
 Notation
     b   batch        t   position of the new token    s   cached keys the token may see
     h   query heads  g   key/value heads              d   head dim of q and k (v may be narrower)
 
 The new query at position t is what dilated causal attention makes of the last row: for pattern
-(w, r) and head j it is kept iff (t mod w) mod r == j mod r, and then it sees the kept keys of its
+(w, r), head j keeps it iff longnet.plan.keeps(t, j, w, r), and then it sees the kept keys of its
 segment at positions <= t. The patterns mix by Eq. 10, i.e. one softmax over the scores plus
-log(multiplicity) (../shared/SPEC.md); a head no pattern keeps outputs zero. Every key a token can
-see lies in the segment of t of some pattern, so a step only reads the keys from the earliest of
-those segment starts on: at most max(w) keys however long the text.
+log(multiplicity) (docs/semantics.md); a head no pattern keeps outputs zero. Every key a token
+can see lies in the segment of t of some pattern, so a step reads keys from the earliest of those
+segment starts on: fewer than max(w) positions, however long the text. The cache keeps just those.
 """
 
 from __future__ import annotations
@@ -22,35 +22,48 @@ import torch
 from einops import rearrange
 
 from longnet.kernels import accumulation_dtype
+from longnet.plan import keeps
 
 
 class LayerCache:
-    """The keys (after positional encoding) and values of one layer, for max_len positions."""
+    """The keys (after positional encoding) and values of one layer's last `capacity` positions,
+    in a ring buffer: position p lives in slot p mod capacity."""
 
-    def __init__(self, max_len: int):
-        self.max_len, self.length = max_len, 0
-        self.keys: torch.Tensor | None = None  # (b, max_len, g, d)
-        self.values: torch.Tensor | None = None  # (b, max_len, g, dv)
+    def __init__(self, capacity: int):
+        self.capacity, self.length = capacity, 0
+        self.keys: torch.Tensor | None = None  # (b, capacity, g, d)
+        self.values: torch.Tensor | None = None  # (b, capacity, g, dv)
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k (b, n, g, d) and v (b, n, g, dv); return all keys and values so far."""
-        end = self.length + k.shape[1]
-        if end > self.max_len:
-            raise ValueError(f"the cache holds {self.max_len} positions, {end} were written")
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k (b, n, g, d) and v (b, n, g, dv) of the next n positions (only the last
+        `capacity` of them stay)."""
         if self.keys is None:
-            self.keys = k.new_empty(k.shape[0], self.max_len, *k.shape[2:])
-            self.values = v.new_empty(v.shape[0], self.max_len, *v.shape[2:])
-        self.keys[:, self.length : end] = k
-        self.values[:, self.length : end] = v
-        self.length = end
-        return self.keys[:, :end], self.values[:, :end]
+            self.keys = k.new_empty(k.shape[0], self.capacity, *k.shape[2:])
+            self.values = v.new_empty(v.shape[0], self.capacity, *v.shape[2:])
+        n = k.shape[1]
+        kept = min(n, self.capacity)
+        slots = torch.arange(self.length + n - kept, self.length + n, device=k.device)
+        self.keys.index_copy_(1, slots % self.capacity, k[:, n - kept :])
+        self.values.index_copy_(1, slots % self.capacity, v[:, n - kept :])
+        self.length += n
+
+    def window(self, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (b, s, g, d) and values (b, s, g, dv) of positions first .. length - 1."""
+        if self.length - first > self.capacity:
+            raise ValueError(
+                f"the cache holds {self.capacity} positions; decoding position "
+                f"{self.length - 1} needs {self.length - first} (the longest segment)"
+            )
+        slots = torch.arange(first, self.length, device=self.keys.device) % self.capacity
+        return self.keys.index_select(1, slots), self.values.index_select(1, slots)
 
 
 class KVCache:
-    """One LayerCache per layer; `length` is the number of positions decoded so far."""
+    """One LayerCache per layer; `length` is the number of positions decoded so far. A capacity
+    of max(segment_lengths) suffices for any length of text."""
 
-    def __init__(self, num_layers: int, max_len: int):
-        self.layers = [LayerCache(max_len) for _ in range(num_layers)]
+    def __init__(self, num_layers: int, capacity: int):
+        self.layers = [LayerCache(capacity) for _ in range(num_layers)]
 
     @property
     def length(self) -> int:
@@ -62,28 +75,21 @@ def visible_counts(
 ) -> torch.Tensor:
     """(h, s) multiplicity of the query at `position` against keys first_key .. position."""
     keys = torch.arange(first_key, position + 1, device=device)  # (s,)
-    offsets = torch.arange(heads, device=device)[:, None]  # (h, 1)
+    head = torch.arange(heads, device=device)[:, None]  # (h, 1)
     counts = torch.zeros(heads, len(keys), device=device)
     for w, r in patterns:
-        query_kept = (position % w) % r == offsets % r  # (h, 1)
-        key_kept = (keys % w) % r == offsets % r  # (h, s)
         same_segment = keys // w == position // w  # (s,)
-        counts += query_kept & key_kept & same_segment
+        counts += keeps(position, head, w, r) & keeps(keys, head, w, r) & same_segment
     return counts
 
 
 def decode_attention(
-    q: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    patterns: Sequence[tuple[int, int]],
-    softmax_scale: float,
+    q: torch.Tensor, cache: LayerCache, patterns: Sequence[tuple[int, int]], softmax_scale: float
 ) -> torch.Tensor:
-    """Dilated causal attention of the last position. q (b, 1, h, d); keys (b, t+1, g, d) and
-    values (b, t+1, g, dv) of positions 0..t -> (b, 1, h, dv)."""
-    position = keys.shape[1] - 1
+    """Dilated causal attention of the last cached position: q (b, 1, h, d) -> (b, 1, h, dv)."""
+    position = cache.length - 1
     first_key = min(position // w * w for w, _ in patterns)
-    keys, values = keys[:, first_key:], values[:, first_key:]  # (b, s, g, .)
+    keys, values = cache.window(first_key)  # (b, s, g, .)
     heads, kv_heads = q.shape[2], keys.shape[2]
     counts = visible_counts(position, first_key, heads, patterns, q.device)  # (h, s)
     dtype = accumulation_dtype(q.dtype)

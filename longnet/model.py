@@ -14,8 +14,12 @@ one more LayerNorm before its output projection:
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -65,8 +69,8 @@ class SelfAttention(DilatedAttention):
         q, k, v = self.project(x)
         q, k = self.positions.apply(q, k, encoding)
         if cache is not None and cache.length:  # one new token against the cache
-            keys, values = cache.append(k, v)
-            out = decode_attention(q, keys, values, self.patterns, self.softmax_scale)
+            cache.append(k, v)
+            out = decode_attention(q, cache, self.patterns, self.softmax_scale)
         else:
             if cache is not None:  # prefill
                 cache.append(k, v)
@@ -113,6 +117,23 @@ class TransformerBlock(nn.Module):
         return x + self.ffn(self.ffn_norm(x))
 
 
+@contextlib.contextmanager
+def gathered(params):
+    """Whole values of parameters that DeepSpeed's ZeRO-3 `zero.Init` partitioned as their module
+    was built (a no-op for ordinary ones), so that initialisation after construction still works.
+
+    NOTE: every rank runs the same initialisation from the same seed; rank 0's values are kept.
+    """
+    params = list(params)
+    if not any(hasattr(p, "ds_id") for p in params):
+        yield
+        return
+    import deepspeed  # only models built under deepspeed.zero.Init get here
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+        yield
+
+
 class TransformerStack(nn.ModuleList):
     """N blocks with MAGNETO's initialisation, run with activation checkpointing if configured."""
 
@@ -132,20 +153,21 @@ class TransformerStack(nn.ModuleList):
         # each with its own fan-out, as the separate projections of the paper would be.
         gamma = math.sqrt(math.log(2 * len(self)))
         for block in self:
-            attn = block.attn
-            q, k, v = attn.qkv.weight.data.split(
-                [attn.num_heads * attn.head_dim, *2 * [attn.num_kv_heads * attn.head_dim]]
-            )
-            nn.init.xavier_normal_(q)
-            nn.init.xavier_normal_(k)
-            nn.init.xavier_normal_(v, gain=gamma)
-            nn.init.xavier_normal_(attn.out_proj.weight, gain=gamma)
-            for part in block.ffn.fc1.weight.data.chunk(2 if block.ffn.swiglu else 1):
-                nn.init.xavier_normal_(part, gain=gamma)
-            nn.init.xavier_normal_(block.ffn.fc2.weight, gain=gamma)
-            for linear in (attn.qkv, attn.out_proj, block.ffn.fc1, block.ffn.fc2):
-                if linear.bias is not None:
-                    nn.init.zeros_(linear.bias)
+            with gathered(block.parameters()):
+                attn = block.attn
+                q, k, v = attn.qkv.weight.data.split(
+                    [attn.num_heads * attn.head_dim, *2 * [attn.num_kv_heads * attn.head_dim]]
+                )
+                nn.init.xavier_normal_(q)
+                nn.init.xavier_normal_(k)
+                nn.init.xavier_normal_(v, gain=gamma)
+                nn.init.xavier_normal_(attn.out_proj.weight, gain=gamma)
+                for part in block.ffn.fc1.weight.data.chunk(2 if block.ffn.swiglu else 1):
+                    nn.init.xavier_normal_(part, gain=gamma)
+                nn.init.xavier_normal_(block.ffn.fc2.weight, gain=gamma)
+                for linear in (attn.qkv, attn.out_proj, block.ffn.fc1, block.ffn.fc2):
+                    if linear.bias is not None:
+                        nn.init.zeros_(linear.bias)
 
     def forward(
         self, x: torch.Tensor, encoding: tuple = (), cache: KVCache | None = None
@@ -195,6 +217,22 @@ def check_token_ids(tokens: torch.Tensor, vocab_size: int) -> None:
         raise ValueError(f"tokens must be ids in [0, {vocab_size}) (vocab_size), got {bad}")
 
 
+# A saved model: the names huggingface_hub's PyTorchModelHubMixin uses, so Hub tools know them.
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def _hub_module(name: str):
+    # NOTE: imported when used: `import longnet` needs only torch and einops.
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise ImportError(
+            f"saving and loading pretrained models needs {name.split('.')[0]}: "
+            f"pip install longnet[hub]"
+        ) from None
+
+
 class LongNetLM(nn.Module):
     """The LongNet language model: embeddings, N MAGNETO blocks of dilated causal attention,
     final LayerNorm, LM head (tied to the embeddings or not).
@@ -222,11 +260,13 @@ class LongNetLM(nn.Module):
         self.norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         # torchscale's MAGNETO decoder: embeddings (and an untied head) ~ N(0, 1/D), unscaled.
-        nn.init.normal_(self.embed.weight, std=config.d_model**-0.5)
+        with gathered([self.embed.weight]):
+            nn.init.normal_(self.embed.weight, std=config.d_model**-0.5)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         else:
-            nn.init.normal_(self.lm_head.weight, std=config.d_model**-0.5)
+            with gathered([self.lm_head.weight]):
+                nn.init.normal_(self.lm_head.weight, std=config.d_model**-0.5)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Distinct parameters (a tied head counts once); exclude_embeddings drops the
@@ -338,13 +378,16 @@ class LongNetLM(nn.Module):
     ) -> torch.Tensor:
         """tokens (b, n) followed by max_new_tokens sampled tokens: (b, n + max_new_tokens).
 
-        top_k=1 is greedy. use_cache keeps every layer's keys and values: the prompt runs through
-        dilated attention once, then each new token attends exactly the cached keys dilated
-        attention lets it see (longnet.generation). use_cache=False recomputes the whole
-        sequence for every token. Dropout follows the module's mode: call eval() first.
+        top_k=1 is greedy. use_cache keeps every layer's last max(segment_lengths) keys and
+        values: the prompt runs through dilated attention once, then each new token attends
+        exactly the cached keys dilated attention lets it see (longnet.generation).
+        use_cache=False recomputes the whole sequence for every token. Dropout follows the
+        module's mode: call eval() first.
         """
         check_sampling(max_new_tokens, temperature, top_k)
-        cache = KVCache(len(self.blocks), tokens.shape[1] + max_new_tokens) if use_cache else None
+        length = tokens.shape[1] + max_new_tokens
+        capacity = min(max(self.config.segment_lengths), length)
+        cache = KVCache(len(self.blocks), capacity) if use_cache else None
         step = tokens
         for _ in range(max_new_tokens):
             hidden = self.hidden_states(step if use_cache else tokens, cache=cache)
@@ -353,3 +396,44 @@ class LongNetLM(nn.Module):
             tokens = torch.cat([tokens, next_token], dim=1)
             step = next_token
         return tokens
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write config.json and model.safetensors (float weights only, never pickled objects)
+        into `directory`; LongNetLM.from_pretrained loads them. A tied head is stored once."""
+        save_model = _hub_module("safetensors.torch").save_model
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        save_model(self, str(directory / WEIGHTS_FILE))
+        return directory
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        attention_fn: AttentionFn = dilated_attention,
+        revision: str | None = None,
+    ) -> LongNetLM:
+        """The model saved by save_pretrained (or launch/export.py) in the folder `path`, or in
+        the Hugging Face Hub repository `path` (at `revision`), on `device`, in eval mode.
+        Reads JSON and safetensors only: loading never runs code from the files."""
+        folder = Path(path)
+        if not folder.is_dir():
+            hub = _hub_module("huggingface_hub")
+            folder = Path(
+                hub.snapshot_download(
+                    str(path), revision=revision, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE]
+                )
+            )
+        missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if not (folder / name).is_file()]
+        if missing:
+            raise ValueError(
+                f"{str(path)!r} is not a saved LongNet model: it lacks {', '.join(missing)} "
+                f"(write one with save_pretrained or launch/export.py)"
+            )
+        load_model = _hub_module("safetensors.torch").load_model
+        config = LongNetConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text()))
+        model = cls(config, attention_fn=attention_fn)
+        load_model(model, str(folder / WEIGHTS_FILE))
+        return model.to(device).eval()

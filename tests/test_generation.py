@@ -90,3 +90,32 @@ def test_bad_generation_arguments_raise_value_error():
         model(prompt[:, :2], cache=cache)
     with pytest.raises(ValueError, match="position_offset or cache"):
         model(prompt[:, :1], position_offset=8, cache=cache)
+
+
+@pytest.mark.parametrize("position, num_kv_heads", [("xpos", 2), ("rotary", 1), ("alibi", 4)])
+def test_ring_buffer_cache_decodes_exactly_across_many_segments(position, num_kv_heads):
+    """The cache holds max(w) = 16 positions; 70 tokens span four periods of the longest
+    segment, and every cached step still gives the logits of the full forward."""
+    model, _ = make_model(position=position, num_kv_heads=num_kv_heads)
+    tokens = torch.randint(0, model.config.vocab_size, (2, 70))
+    with torch.no_grad():
+        expected = model(tokens).logits
+        cache = KVCache(model.config.num_layers, 16)
+        steps = [model(tokens[:, :21], cache=cache).logits]  # a prompt longer than the cache
+        steps += [model(tokens[:, t : t + 1], cache=cache).logits for t in range(21, 70)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), expected, rtol=1e-10, atol=1e-10)
+    assert all(layer.keys.shape[1] == 16 for layer in cache.layers)
+    cached = model.generate(tokens[:, :3], 60, top_k=1)
+    assert torch.equal(cached, model.generate(tokens[:, :3], 60, top_k=1, use_cache=False))
+
+
+def test_cache_smaller_than_the_longest_segment_raises():
+    model, prompt = make_model()
+    cache = KVCache(model.config.num_layers, 8)  # the longest segment is 16
+    with torch.no_grad():
+        model(prompt, cache=cache)
+        model(prompt[:, :1], cache=cache)
+        model(prompt[:, :1], cache=cache)
+        model(prompt[:, :1], cache=cache)  # position 8 needs keys 0..8: 9 positions
+        with pytest.raises(ValueError, match="the cache holds 8 positions"):
+            model(prompt[:, :1], cache=cache)  # position 8 reads keys 0..8
