@@ -1,6 +1,7 @@
-"""Dilated attention against dense causal attention, from 8K to 1M tokens.
+"""Dilated attention against dense causal attention, from 8K to 1M tokens and beyond.
 
     python benchmarks/attention.py [--seq-lens 8192,32768,...] [--device cuda] [--dtype bfloat16]
+        [--heads 8] [--head-dim 64] [--json FILE] [--plot PNG [--plot-with OTHER.json ...]]
 
 Per sequence length: forward and forward+backward time and peak memory of
 longnet.dilated_attention and of torch's dense causal scaled_dot_product_attention (run in the
@@ -10,6 +11,12 @@ and memory per token relative to the reference length (--linear-reference), whic
 the cost is linear. Times are the best of --repeats rounds that interleave dilated and dense runs,
 so a slow phase of a shared machine hits both alike. Peak memory comes from a first, untimed run:
 CUDA's allocator peak, or on CPU the growth of the peak resident set (VmHWM) of this process.
+
+Achieved TFLOP/s count only the pairs each computes (dilated: the kept pairs of its patterns):
+4 d FLOPs per pair forward, 2.5 times that backward (flash attention's convention). A length that
+runs out of memory ends the dense runs (or, for dilated attention, the run); no new length
+starts once --total-budget seconds have passed. --plot draws time per token and peak memory
+against the sequence length (benchmarks/plot_attention.py), with other runs' JSON files.
 """
 
 from __future__ import annotations
@@ -23,10 +30,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from plot_attention import plot
 
 from longnet import dilated_attention
 from longnet.config import PAPER_DILATION_RATES, PAPER_SEGMENT_LENGTHS
-from longnet.dilated import pattern_blocks
+
+# Attention FLOPs per (query, key) pair and head_dim: QK^T and PV forward; backward 2.5 times.
+FORWARD_FLOPS, FORWARD_BACKWARD_FLOPS = 4, 14
 
 
 def _ints(text: str) -> list[int]:
@@ -57,7 +67,12 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--dense-time-limit", type=float, default=120.0)
     parser.add_argument("--linear-reference", type=int, default=32768)
+    parser.add_argument(
+        "--total-budget", type=float, help="no new length starts once the run took this long (s)"
+    )
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/attention.json"))
+    parser.add_argument("--plot", type=Path, help="draw this run (and --plot-with runs) here")
+    parser.add_argument("--plot-with", type=Path, nargs="*", default=[], metavar="JSON")
     return parser.parse_args()
 
 
@@ -123,16 +138,24 @@ class Timed:
 
 
 def attended_pairs(args, seq_len: int) -> tuple[int, int]:
-    """(dense, dilated) count of attended (query, key) pairs summed over heads: the FLOP ratio."""
+    """(dense, dilated) count of attended (query, key) pairs summed over heads: the FLOP ratio.
+
+    From the definition: pattern (w, r) cuts segments of w tokens (the last may be shorter);
+    head j keeps c = len(range(j mod r, L, r)) positions of a segment of L tokens, which attend
+    each other (c (c + 1) / 2 pairs when causal)."""
     causal = not args.non_causal
-    dense = args.heads * (seq_len * (seq_len + 1) // 2 if causal else seq_len * seq_len)
+
+    def pairs(count: int) -> int:
+        return count * (count + 1) // 2 if causal else count * count
+
     dilated = 0
     for w, r in zip(args.segment_lengths, args.dilation_rates, strict=True):
-        for block in pattern_blocks(seq_len, w, r, args.heads, args.heads, torch.device("cpu")):
-            kept = block.count
-            per_segment = kept * (kept + 1) // 2 if causal else kept * kept
-            dilated += block.num_segments * block.num_heads * per_segment
-    return dense, dilated
+        w = min(w, seq_len)
+        full, tail = divmod(seq_len, w)
+        for length, segments in ((w, full), (tail, 1)):
+            kept = (len(range(head % r, length, r)) for head in range(args.heads))
+            dilated += segments * sum(pairs(c) for c in kept)
+    return args.heads * pairs(seq_len), dilated
 
 
 def make_cases(args, seq_len: int, dense: bool) -> dict[str, Timed]:
@@ -180,59 +203,111 @@ def run_cases(cases: dict[str, dict[str, Timed]], repeats: int, budget: float) -
             break
 
 
-def summary(case: dict[str, Timed]) -> dict:
+def summary(case: dict[str, Timed], pairs: int, args) -> dict:
+    """Best times, peaks and achieved TFLOP/s of one function over `pairs` attended pairs."""
+    flops = pairs * args.batch * args.head_dim
     return {
         "fwd_s": case["fwd"].best,
         "fwd_peak_bytes": case["fwd"].peak,
+        "fwd_tflops": FORWARD_FLOPS * flops / case["fwd"].best / 1e12,
         "fwd_bwd_s": case["fwd_bwd"].best,
         "fwd_bwd_peak_bytes": case["fwd_bwd"].peak,
+        "fwd_bwd_tflops": FORWARD_BACKWARD_FLOPS * flops / case["fwd_bwd"].best / 1e12,
     }
+
+
+def label(args) -> str:
+    """The device, dtype and heads of this run, as plots and reports name it."""
+    if args.device.startswith("cuda"):
+        device = torch.cuda.get_device_name(torch.device(args.device))
+    else:
+        device = f"{args.device} ({torch.get_num_threads()} threads)"
+    return f"{device}, {args.dtype}, {args.heads}x{args.head_dim}"
+
+
+def measure(args, seq_len: int, dense: bool) -> dict[str, Timed] | None:
+    """make_cases, or None when the device runs out of memory."""
+    try:
+        return make_cases(args, seq_len, dense)
+    except (torch.OutOfMemoryError, MemoryError):
+        pass  # leaving the handler drops the traceback's frames, and the tensors they hold
+    gc.collect()
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return None
+
+
+def print_row(row: dict) -> None:
+    def cells(times: dict | None) -> str:
+        if times is None:
+            return f"{'-':>10} {'-':>9} {'-':>7} {'-':>9}"
+        return (
+            f"{times['fwd_s']:9.3f}s {times['fwd_bwd_s']:8.3f}s {times['fwd_bwd_tflops']:7.3f} "
+            f"{times['fwd_bwd_peak_bytes'] / 2**20:9.0f}"
+        )
+
+    ratio = f"{'-':>7} {row['ideal_ratio']:6.2f} {'-':>6}"
+    if "speedup_fwd_bwd" in row:
+        pct = 100 * row["speedup_fwd_bwd"] / row["ideal_ratio"]
+        ratio = f"{row['speedup_fwd_bwd']:6.2f}x {row['ideal_ratio']:6.2f} {pct:5.0f}%"
+    print(
+        f"{row['seq_len']:>8} | {cells(row['dilated'])} | {cells(row.get('dense'))} | {ratio}",
+        flush=True,
+    )
+
+
+def save(args, run_label: str, rows: list[dict], stopped: str | None) -> None:
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    config = {k: v for k, v in vars(args).items() if k not in ("json", "plot", "plot_with")}
+    result = {"label": run_label, "config": config, "rows": rows, "stopped": stopped}
+    args.json.write_text(json.dumps(result, indent=2))
 
 
 def main() -> None:
     args = parse_args()
     torch.manual_seed(0)
-    rows, dense_on = [], True
+    start, rows, dense_on, stopped = time.perf_counter(), [], True, None
+    run_label = label(args)
     header = (
-        f"{'seq':>8} | {'dilated fwd':>11} {'fwd+bwd':>9} {'peak MiB':>9} | "
-        f"{'dense fwd':>9} {'fwd+bwd':>9} {'peak MiB':>9} | {'speedup':>7} {'ideal':>6} "
-        f"{'%ideal':>6}"
+        f"{'seq':>8} | {'dilated fwd':>10} {'fwd+bwd':>9} {'TFLOP/s':>7} {'peak MiB':>9} | "
+        f"{'dense fwd':>10} {'fwd+bwd':>9} {'TFLOP/s':>7} {'peak MiB':>9} | "
+        f"{'speedup':>7} {'ideal':>6} {'%ideal':>6}"
     )
     print(
-        f"device {args.device}, dtype {args.dtype}, batch {args.batch}, heads {args.heads}, "
-        f"head_dim {args.head_dim}, causal {not args.non_causal}, w {args.segment_lengths}, "
-        f"r {args.dilation_rates}, threads {torch.get_num_threads()}"
+        f"{run_label}, batch {args.batch}, causal {not args.non_causal}, "
+        f"w {args.segment_lengths}, r {args.dilation_rates}, threads {torch.get_num_threads()}"
     )
     print(header)
     print("-" * len(header))
     for seq_len in args.seq_lens:
-        cases = {"dilated": make_cases(args, seq_len, dense=False)}
+        if args.total_budget is not None and time.perf_counter() - start >= args.total_budget:
+            stopped = f"time budget of {args.total_budget:.0f} s spent before {seq_len} tokens"
+            break
+        cases = {"dilated": measure(args, seq_len, dense=False)}
+        if cases["dilated"] is None:
+            stopped = f"out of memory at {seq_len} tokens"
+            break
         if dense_on:
-            cases["dense"] = make_cases(args, seq_len, dense=True)
+            cases["dense"] = measure(args, seq_len, dense=True)
+            dense_on = cases["dense"] is not None
+            if not dense_on:
+                print(f"(dense attention: out of memory at {seq_len} tokens)")
+                del cases["dense"]
         run_cases(cases, args.repeats, args.time_budget)
-        row = {"seq_len": seq_len, **{name: summary(case) for name, case in cases.items()}}
-        cases.clear()  # frees the inputs before the next length
         dense_pairs, dilated_pairs = attended_pairs(args, seq_len)
+        pairs = {"dilated": dilated_pairs, "dense": dense_pairs}
+        row = {"seq_len": seq_len}
+        row.update({name: summary(case, pairs[name], args) for name, case in cases.items()})
+        cases.clear()  # frees the inputs before the next length
         row["ideal_ratio"] = dense_pairs / dilated_pairs
         if "dense" in row:
             row["speedup_fwd_bwd"] = row["dense"]["fwd_bwd_s"] / row["dilated"]["fwd_bwd_s"]
             dense_on = row["dense"]["fwd_bwd_s"] <= args.dense_time_limit
         rows.append(row)
-        d = row["dilated"]
-        dense_cols = "         -         -         -"
-        ratio_cols = "      -" + f" {row['ideal_ratio']:6.2f}" + "      -"
-        if "dense" in row:
-            e = row["dense"]
-            dense_cols = (
-                f"{e['fwd_s']:8.3f}s {e['fwd_bwd_s']:8.3f}s {e['fwd_bwd_peak_bytes'] / 2**20:9.0f}"
-            )
-            pct = 100 * row["speedup_fwd_bwd"] / row["ideal_ratio"]
-            ratio_cols = f"{row['speedup_fwd_bwd']:6.2f}x {row['ideal_ratio']:6.2f} {pct:5.0f}%"
-        print(
-            f"{seq_len:>8} | {d['fwd_s']:10.3f}s {d['fwd_bwd_s']:8.3f}s "
-            f"{d['fwd_bwd_peak_bytes'] / 2**20:9.0f} | {dense_cols} | {ratio_cols}",
-            flush=True,
-        )
+        print_row(row)
+        save(args, run_label, rows, None)  # what a killed run measured survives it
+    if stopped:
+        print(f"stopped: {stopped}")
 
     reference = next((r for r in rows if r["seq_len"] == args.linear_reference), None)
     if reference is not None:
@@ -247,10 +322,11 @@ def main() -> None:
             )
             print(f"{n:>8} {r['time_per_token_rel']:11.2f} {r['peak_per_token_rel']:11.2f}")
 
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    config = {k: v for k, v in vars(args).items() if k != "json"}
-    args.json.write_text(json.dumps({"config": config, "rows": rows}, indent=2))
+    save(args, run_label, rows, stopped)
     print(f"\nwrote {args.json}")
+    if args.plot:
+        plot([args.json, *args.plot_with], args.plot)
+        print(f"wrote {args.plot}")
 
 
 if __name__ == "__main__":

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,13 +32,16 @@ def causal_pairs(length: int) -> int:
 
 
 def test_attention_benchmark_reports_the_flop_ratio_and_speedup(tmp_path):
-    out = tmp_path / "attention.json"
+    out, png = tmp_path / "attention.json", tmp_path / "attention.png"
     run_script(
         "attention.py",
         *("--seq-lens", "256,512", "--segment-lengths", "64,128", "--dilation-rates", "1,2"),
-        *("--repeats", "2", "--linear-reference", "256", "--json", str(out)),
+        *("--repeats", "2", "--linear-reference", "256", "--json", str(out), "--plot", str(png)),
     )
-    rows = json.loads(out.read_text())["rows"]
+    result = json.loads(out.read_text())
+    assert result["label"] == f"cpu ({torch.get_num_threads()} threads), float32, 8x64"
+    assert result["stopped"] is None
+    rows = result["rows"]
     assert [row["seq_len"] for row in rows] == [256, 512]
     for row in rows:
         n, heads = row["seq_len"], 8
@@ -47,7 +53,133 @@ def test_attention_benchmark_reports_the_flop_ratio_and_speedup(tmp_path):
         assert row["speedup_fwd_bwd"] == times[1]["fwd_bwd_s"] / times[0]["fwd_bwd_s"]
         assert all(t["fwd_s"] > 0 and t["fwd_bwd_s"] > t["fwd_s"] * 0.5 for t in times)
         assert all(t["fwd_bwd_peak_bytes"] > 0 for t in times)
+        # 4 FLOPs per pair and head_dim forward, 14 forward and backward, per second.
+        for t, pairs in zip(times, (dilated, heads * causal_pairs(n)), strict=True):
+            assert math.isclose(t["fwd_tflops"], 4 * 64 * pairs / t["fwd_s"] / 1e12)
+            assert math.isclose(t["fwd_bwd_tflops"], 14 * 64 * pairs / t["fwd_bwd_s"] / 1e12)
     assert rows[0]["time_per_token_rel"] == 1.0 and rows[0]["peak_per_token_rel"] == 1.0
+    assert png.read_bytes().startswith(b"\x89PNG")
+
+
+def test_attention_benchmark_stops_where_its_time_budget_ends(tmp_path):
+    out = tmp_path / "attention.json"
+    stdout = run_script(
+        "attention.py",
+        *("--seq-lens", "128,256", "--segment-lengths", "64", "--dilation-rates", "2"),
+        *("--repeats", "1", "--total-budget", "0", "--json", str(out)),
+    )
+    result = json.loads(out.read_text())
+    assert result["rows"] == [] and result["stopped"].startswith("time budget of 0 s")
+    assert "stopped: time budget" in stdout
+
+
+def attention_result(label, rows):
+    """An attention.py JSON result: rows of (seq_len, {name: (fwd+bwd s, peak bytes)})."""
+    config = {"device": "cpu", "dtype": "float32", "heads": 8, "head_dim": 64}
+    return {
+        "label": label,
+        "config": config,
+        "stopped": None,
+        "rows": [
+            {
+                "seq_len": n,
+                "ideal_ratio": 2.0,
+                **{
+                    name: {"fwd_bwd_s": s, "fwd_bwd_peak_bytes": peak, "fwd_bwd_tflops": 1.5}
+                    for name, (s, peak) in cases.items()
+                },
+            }
+            for n, cases in rows
+        ],
+    }
+
+
+def test_plot_draws_time_per_token_and_peak_memory_per_run(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import plot_attention
+
+    figures = []
+    monkeypatch.setattr(plot_attention.plt, "close", figures.append)
+    cpu = attention_result(
+        "cpu",
+        [(256, {"dilated": (0.5, 2**20), "dense": (1.0, 2**21)}), (512, {"dilated": (1.0, 2**21)})],
+    )
+    gpu = attention_result("gpu", [(1024, {"dilated": (0.001, 2**30), "dense": (0.004, 2**30)})])
+    del gpu["label"]  # files written before runs had labels: named from their configuration
+    paths = [tmp_path / "cpu.json", tmp_path / "gpu.json"]
+    for path, result in zip(paths, (cpu, gpu), strict=True):
+        path.write_text(json.dumps(result))
+    plot_attention.plot(paths, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes().startswith(b"\x89PNG")
+    time_axis, memory_axis = figures[0].axes
+    assert time_axis.get_xscale() == time_axis.get_yscale() == memory_axis.get_yscale() == "log"
+    lines = {line.get_label(): line for line in time_axis.get_lines()}
+    assert sorted(lines) == sorted(
+        ["dilated: cpu", "dense: cpu", "dilated: cpu, float32, 8x64", "dense: cpu, float32, 8x64"]
+    )
+    assert list(lines["dilated: cpu"].get_xdata()) == [256, 512]
+    assert list(lines["dilated: cpu"].get_ydata()) == [0.5 / 256 * 1e6, 1.0 / 512 * 1e6]
+    assert list(lines["dense: cpu"].get_xdata()) == [256]
+    assert lines["dense: cpu"].get_linestyle() == "--"
+    memory = {line.get_label(): list(line.get_ydata()) for line in memory_axis.get_lines()}
+    assert memory["dilated: cpu"] == [1.0, 2.0] and memory["dense: cpu, float32, 8x64"] == [1024.0]
+
+
+def test_lm_throughput_and_the_gpu_report(tmp_path):
+    lm = tmp_path / "lm.json"
+    stdout = run_script(
+        "lm_throughput.py",
+        *("--preset", "longnet-tiny", "--device", "cpu", "--dtype", "float32"),
+        *("--seq-len", "128", "--max-seq-len", "256", "--steps", "1", "--json", str(lm)),
+    )
+    result = json.loads(lm.read_text())
+    part1, part2 = result["throughput"], result["longest"]
+    assert part1["dense"]["patterns"] == [[128], [1]]
+    assert part1["dilated"]["patterns"] == [[64, 128, 256], [1, 2, 4]]
+    for name in ("dilated", "dense"):
+        assert part1[name]["tokens_per_s"] == 128 / part1[name]["step_s"]
+        assert part1[name]["peak_bytes"] > 0
+    assert part1["speedup"] == part1["dense"]["step_s"] / part1["dilated"]["step_s"]
+    assert [row["seq_len"] for row in part2["rows"]] == [128, 256]
+    assert part2["longest_seq_len"] == 256 and part2["stopped"] == "--max-seq-len 256 reached"
+    assert "longest trained: 256 tokens" in stdout
+
+    attention = tmp_path / "attention.json"
+    attention.write_text(json.dumps(attention_result("cpu", [(256, {"dilated": (0.5, 2**30)})])))
+    log = tmp_path / "tests.log"
+    log.write_text("..s                       [100%]\n2 passed, 1 skipped in 3.20s\n")
+    report = tmp_path / "report.json"
+    stdout = run_script(
+        "gpu_report.py",
+        *("--tests-log", str(log), "--tests-status", "0", "--lm", str(lm), "--json", str(report)),
+        *("--attention", str(attention), str(tmp_path / "killed.json")),
+    )
+    table = json.loads(report.read_text())["table"]
+    assert table[0]["dilated"] == "2 passed, 1 skipped in 3.20s; exit status 0"
+    assert table[1]["seq"] == "256" and table[1]["dense"] == "-"
+    assert table[1]["dilated"] == "0.5000 s, 1.5 TFLOP/s, 1.00 GiB"
+    assert table[2]["dilated"] == "missing: failed or out of time"
+    lm_row = table[3]
+    assert lm_row["seq"] == "128" and lm_row["dilated vs dense"] == f"{part1['speedup']:.2f}x"
+    assert table[4]["seq"] == "256" and table[5]["dilated"] == "stopped: --max-seq-len 256 reached"
+    assert "2 passed, 1 skipped" in stdout and "missing: failed or out of time" in stdout
+
+
+def test_gpu_script_without_a_gpu_stops_at_once_with_status_2():
+    before = sorted((ROOT / "benchmarks" / "results").glob("gpu-*"))
+    env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu.sh")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env=env,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "no CUDA GPU" in result.stderr and "nothing was run" in result.stderr
+    assert result.stdout == ""  # nothing installed, nothing run
+    assert sorted((ROOT / "benchmarks" / "results").glob("gpu-*")) == before
 
 
 def test_kernel_ceiling_times_the_calls_of_every_pattern():
