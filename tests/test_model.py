@@ -97,7 +97,7 @@ def rotate(x, positions, scale_power, config):
 def test_attention_layer_matches_its_definition_at_global_positions(position):
     """A layer fed the model's period-reduced positions equals the layer written out from the
     papers: rotations (and xPos scales) at the true global positions, or the explicit ALiBi bias
-    -m_h (p - p'), added to the scores with log(multiplicity) in one softmax (SPEC.md)."""
+    -m_h (p - p'), added to the scores with log(multiplicity) in one softmax (docs/semantics.md)."""
     config = small_config(position=position, num_kv_heads=2, qk_norm=True)
     torch.manual_seed(0)
     model = LongNetLM(config).double()

@@ -1,4 +1,4 @@
-"""The ground truth checked against ../shared/SPEC.md on cases small enough to write out by hand."""
+"""The ground truth checked against docs/semantics.md on cases small enough to write out by hand."""
 
 import math
 
@@ -84,7 +84,7 @@ def test_reference_by_hand():
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_reference_is_eq10_mixture_with_exact_gradients(rng, causal):
-    """SPEC: one softmax with log-multiplicity bias == the paper's Eq. 10 mixture."""
+    """docs/semantics.md: one softmax with log-multiplicity bias == the paper's Eq. 10 mixture."""
     q, k, v = make_qkv(rng, 2, 37, 4, 2, 8)
     lengths, rates = [8, 16, 64], [1, 2, 3]
     grad_out = randn(rng, *q.shape)

@@ -90,8 +90,8 @@ def by_group(results: list) -> list[list]:
 
 def exchanged_entries(source, dest, world, shard_len, heads, kv_heads, lengths, rates, causal):
     """(global position, kv head) pairs of rank `source` that rank `dest` needs, counted from
-    SPEC's definition: same spanning segment, kept by some query head of that kv head, and
-    with causal masking only from earlier ranks."""
+    the definition (docs/sequence-parallel.md): same spanning segment, kept by some query head
+    of that kv head, and with causal masking only from earlier ranks."""
     if source == dest or (causal and source > dest):
         return 0
     seq_len, group = world * shard_len, heads // kv_heads
@@ -153,9 +153,10 @@ def test_matches_single_device(size, case, causal):
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_bytes_follow_the_formula(causal):
-    """SPEC: 2 (W / r) H d b (1 - L / W) bytes received per rank and spanning pattern, W =
-    min(w, n), here with kv_heads == heads; with causal masking a rank at position i of its
-    segment receives from the i earlier ranks only. Patterns inside a shard receive nothing."""
+    """docs/sequence-parallel.md: 2 (W / r) H d b (1 - L / W) bytes received per rank and
+    spanning pattern, W = min(w, n), here with kv_heads == heads; with causal masking a rank at
+    position i of its segment receives from the i earlier ranks only. Patterns inside a shard
+    receive nothing."""
     size, batch, shard_len, heads = 4, 2, 8, 4
     lengths, rates = [8, 16, 1000], [2, 2, 4]  # in a shard, over 2 shards, over all 4
     generator = torch.Generator().manual_seed(0)
