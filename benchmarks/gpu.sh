@@ -9,8 +9,8 @@
 # 2. runs tests/test_cuda.py and tests/test_kernels.py on the GPU;
 # 3. benchmarks/attention.py in bfloat16, 8 heads x 64 and 12 x 64, from 32K tokens doubling
 #    until memory or time runs out: dilated against dense flash attention, forward and
-#    forward+backward, TFLOP/s, peak memory; and the plot of both (with a CPU run's JSON when
-#    benchmarks/results/attention-cpu.json exists);
+#    forward+backward, TFLOP/s, peak memory; and the plot of both (with the CPU run's
+#    benchmarks/attention-cpu.json when it exists);
 # 4. benchmarks/lm_throughput.py: the 125M LongNet LM's training tokens/s at 32K against dense
 #    attention, and the longest context it trains with activation checkpointing;
 # 5. prints one table (benchmarks/gpu_report.py) and writes everything to
@@ -33,14 +33,14 @@ if ! "$PYTHON" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; 
     exit 2
 fi
 
-# module:package pairs of what the tests and benchmarks import
 missing=$("$PYTHON" - <<'EOF'
 import importlib.util
 
-needed = {
-    "deepspeed": "deepspeed", "datasets": "datasets", "wandb": "wandb",
-    "tokenizers": "tokenizers", "einops": "einops", "yaml": "pyyaml", "tqdm": "tqdm",
-    "matplotlib": "matplotlib", "numpy": "numpy", "pytest": "pytest",
+needed = {  # setup.cfg's install_requires and train and test extras
+    "einops": "einops", "deepspeed": "deepspeed", "datasets": "datasets",
+    "pyarrow": "pyarrow", "numpy": "numpy", "wandb": "wandb", "tokenizers": "tokenizers",
+    "tqdm": "tqdm", "yaml": "pyyaml", "pydantic": "pydantic", "matplotlib": "matplotlib",
+    "safetensors": "safetensors", "huggingface_hub": "huggingface_hub", "pytest": "pytest",
     "pytest_timeout": "pytest-timeout", "psutil": "psutil", "tiktoken": "tiktoken",
 }
 print(" ".join(p for m, p in needed.items() if importlib.util.find_spec(m) is None))
@@ -48,10 +48,12 @@ EOF
 )
 if [ -n "$missing" ]; then
     echo "installing: $missing"
+    # DeepSpeed ships as a source archive whose build imports torch: without build isolation
+    # it builds against the installed CUDA torch instead of downloading another one.
     if [ -n "$WHEELS" ]; then
-        "$PYTHON" -m pip install -q --no-index --find-links "$WHEELS" $missing
+        "$PYTHON" -m pip install -q --no-build-isolation --no-index --find-links "$WHEELS" $missing
     else
-        "$PYTHON" -m pip install -q $missing
+        "$PYTHON" -m pip install -q --no-build-isolation $missing
     fi || echo "benchmarks/gpu.sh: could not install all of: $missing (continuing)" >&2
 fi
 if ! "$PYTHON" -c "import longnet.distributed, longnet.launch" 2>/dev/null; then
@@ -89,7 +91,7 @@ for run in "8 70 110" "12 60 100"; do
         --dense-time-limit 4 --total-budget "$budget" --json "$json"
 done
 plotted=()
-for json in "${attention[@]}" benchmarks/results/attention-cpu.json; do
+for json in "${attention[@]}" benchmarks/attention-cpu.json; do
     [ -f "$json" ] && plotted+=("$json")
 done
 [ ${#plotted[@]} -gt 0 ] \
