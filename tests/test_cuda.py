@@ -95,9 +95,11 @@ CUDA_KERNELS = [
 @pytest.mark.parametrize("dtype, head_dim, kernel", CUDA_KERNELS, ids=str)
 @pytest.mark.parametrize("device", [CUDA])
 def test_cuda_kernel_choice_and_its_numbers(rng, device, dtype, head_dim, kernel):
+    capability = torch.cuda.get_device_capability()
+    if capability < (8, 0):
+        pytest.skip(f"{torch.cuda.get_device_name()} has compute capability {capability} < 8.0")
     q, k, v = make_qkv(rng, 1, 100, 4, 2, head_dim, dtype)
     queries = q.detach().to(device).transpose(1, 2)  # what dilated_attention asks about
-    assert torch.cuda.get_device_capability() >= (8, 0), torch.cuda.get_device_name()
     assert resolve_backend("auto", queries, queries, queries, True) == kernel
     lengths, rates = [16, 40, 100], [1, 2, 4]
     backend = "math" if kernel == "math" else "fused"
