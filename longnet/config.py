@@ -4,6 +4,7 @@ LongNetViTConfig (the LongViT-style image encoder). Bad values raise ValueError 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 from dataclasses import dataclass
@@ -76,6 +77,9 @@ class BlockConfig:
     layer_norm_eps: float = 1e-5
     activation_checkpointing: bool = False
     backend: str = "auto"
+    # Layer i moves every head's offset to (head + i) mod r (docs/semantics.md): when heads < r
+    # the layers together keep every position. False is the paper.
+    shift_heads_by_layer: bool = False
 
     def __post_init__(self):
         for name in ("d_model", "num_layers", "num_heads"):
@@ -98,7 +102,7 @@ class BlockConfig:
         patterns = check_patterns(self.segment_lengths, self.dilation_rates)
         self.segment_lengths = tuple(w for w, _ in patterns)
         self.dilation_rates = tuple(r for _, r in patterns)
-        for name in ("qk_norm", "bias", "activation_checkpointing"):
+        for name in ("qk_norm", "bias", "activation_checkpointing", "shift_heads_by_layer"):
             _bool(name, getattr(self, name))
         choice("activation", self.activation, ACTIVATIONS)
         choice("backend", self.backend, BACKENDS)
@@ -183,6 +187,23 @@ class LongNetConfig(BlockConfig):
                 )
 
     PRESETS = tuple(_PRESETS)  # the names preset() takes
+
+    def to_dict(self) -> dict:
+        """Every field, JSON-ready (tuples as lists); from_dict reads it back."""
+        return {
+            key: list(value) if isinstance(value, tuple) else value
+            for key, value in dataclasses.asdict(self).items()
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict) -> LongNetConfig:
+        """A config from to_dict's output; unknown keys raise ValueError naming them."""
+        if not isinstance(values, dict):
+            raise ValueError(f"a LongNetConfig is read from a mapping, got {values!r}")
+        unknown = sorted(set(values) - {field.name for field in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown LongNetConfig fields {unknown}")
+        return cls(**values)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> LongNetConfig:

@@ -6,8 +6,8 @@ Notation
     h   query heads  g   key/value heads              d   head dim of q and k (v may be narrower)
 
 The new query at position t is what dilated causal attention makes of the last row: for pattern
-(w, r), head j keeps it iff longnet.plan.keeps(t, j, w, r), and then it sees the kept keys of its
-segment at positions <= t. The patterns mix by Eq. 10, i.e. one softmax over the scores plus
+(w, r), head j keeps it iff longnet.plan.keeps(t, j, w, r, shift), and then it sees the kept keys
+of its segment at positions <= t. The patterns mix by Eq. 10, i.e. one softmax over the scores plus
 log(multiplicity) (docs/semantics.md); a head no pattern keeps outputs zero. Every key a token
 can see lies in the segment of t of some pattern, so a step reads keys from the earliest of those
 segment starts on: fewer than max(w) positions, however long the text. The cache keeps just those.
@@ -71,7 +71,12 @@ class KVCache:
 
 
 def visible_counts(
-    position: int, first_key: int, heads: int, patterns: Sequence[tuple[int, int]], device=None
+    position: int,
+    first_key: int,
+    heads: int,
+    patterns: Sequence[tuple[int, int]],
+    head_shift: int = 0,
+    device=None,
 ) -> torch.Tensor:
     """(h, s) multiplicity of the query at `position` against keys first_key .. position."""
     keys = torch.arange(first_key, position + 1, device=device)  # (s,)
@@ -79,19 +84,24 @@ def visible_counts(
     counts = torch.zeros(heads, len(keys), device=device)
     for w, r in patterns:
         same_segment = keys // w == position // w  # (s,)
-        counts += keeps(position, head, w, r) & keeps(keys, head, w, r) & same_segment
+        kept = keeps(position, head, w, r, head_shift) & keeps(keys, head, w, r, head_shift)
+        counts += kept & same_segment
     return counts
 
 
 def decode_attention(
-    q: torch.Tensor, cache: LayerCache, patterns: Sequence[tuple[int, int]], softmax_scale: float
+    q: torch.Tensor,
+    cache: LayerCache,
+    patterns: Sequence[tuple[int, int]],
+    softmax_scale: float,
+    head_shift: int = 0,
 ) -> torch.Tensor:
     """Dilated causal attention of the last cached position: q (b, 1, h, d) -> (b, 1, h, dv)."""
     position = cache.length - 1
     first_key = min(position // w * w for w, _ in patterns)
     keys, values = cache.window(first_key)  # (b, s, g, .)
     heads, kv_heads = q.shape[2], keys.shape[2]
-    counts = visible_counts(position, first_key, heads, patterns, q.device)  # (h, s)
+    counts = visible_counts(position, first_key, heads, patterns, head_shift, q.device)  # (h, s)
     dtype = accumulation_dtype(q.dtype)
     queries = rearrange(q[:, 0], "b (g j) d -> b g j d", g=kv_heads).to(dtype)
     scores = torch.einsum("bgjd,bsgd->bgjs", queries, keys.to(dtype)) * softmax_scale

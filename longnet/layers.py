@@ -19,8 +19,9 @@ class DilatedAttention(nn.Module):
     Maps x (batch, seq, d_model) to (batch, seq, d_model). The pattern is either one segment
     length and dilation rate (`segment_size`, `dilation_rate`, the seed README's arguments) or the
     paper's mixture (`segment_lengths`, `dilation_rates` lists). Dropout applies to the attention
-    output, as the seed documents. `attention_fn` replaces longnet.dilated_attention by anything
-    with its signature, such as the sequence-parallel version.
+    output, as the seed documents. head_shift moves every head's offset to (head + shift) mod r.
+    `attention_fn` replaces longnet.dilated_attention by anything with its signature, such as
+    the sequence-parallel version.
     """
 
     def __init__(
@@ -39,6 +40,7 @@ class DilatedAttention(nn.Module):
         bias: bool = True,
         softmax_scale: float | None = None,
         backend: str = "auto",
+        head_shift: int = 0,
         attention_fn: AttentionFn = dilated_attention,
     ):
         super().__init__()
@@ -68,6 +70,7 @@ class DilatedAttention(nn.Module):
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim = d_model // num_heads
         self.causal, self.softmax_scale, self.backend = causal, softmax_scale, backend
+        self.head_shift = head_shift
         self.attention_fn = attention_fn
         self.qkv = nn.Linear(d_model, (num_heads + 2 * num_kv_heads) * self.head_dim, bias=bias)
         self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
@@ -102,6 +105,8 @@ class DilatedAttention(nn.Module):
             causal=self.causal,
             softmax_scale=self.softmax_scale,
             backend=self.backend,
+            # only when set, so that attention functions written before head_shift still work
+            **({"head_shift": self.head_shift} if self.head_shift else {}),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -44,7 +44,9 @@ class SelfAttention(DilatedAttention):
     gets v padded to the same width for the attention function, and the padding sliced off.
     """
 
-    def __init__(self, config: BlockConfig, causal: bool, attention_fn: AttentionFn, positions):
+    def __init__(
+        self, config: BlockConfig, causal: bool, attention_fn: AttentionFn, positions, layer: int
+    ):
         super().__init__(
             config.d_model,
             config.num_heads,
@@ -58,6 +60,7 @@ class SelfAttention(DilatedAttention):
             # explicit, since an encoding may widen q and k beyond head_dim
             softmax_scale=config.head_dim**-0.5,
             backend=config.backend,
+            head_shift=layer if config.shift_heads_by_layer else 0,
             attention_fn=attention_fn,
         )
         self.positions = positions
@@ -70,7 +73,7 @@ class SelfAttention(DilatedAttention):
         q, k = self.positions.apply(q, k, encoding)
         if cache is not None and cache.length:  # one new token against the cache
             cache.append(k, v)
-            out = decode_attention(q, cache, self.patterns, self.softmax_scale)
+            out = decode_attention(q, cache, self.patterns, self.softmax_scale, self.head_shift)
         else:
             if cache is not None:  # prefill
                 cache.append(k, v)
@@ -103,10 +106,12 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, config: BlockConfig, causal: bool, attention_fn: AttentionFn, positions):
+    def __init__(
+        self, config: BlockConfig, causal: bool, attention_fn: AttentionFn, positions, layer: int
+    ):
         super().__init__()
         self.attn_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
-        self.attn = SelfAttention(config, causal, attention_fn, positions)
+        self.attn = SelfAttention(config, causal, attention_fn, positions, layer)
         self.ffn_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.ffn = FeedForward(config)
 
@@ -139,8 +144,8 @@ class TransformerStack(nn.ModuleList):
 
     def __init__(self, config: BlockConfig, causal: bool, attention_fn: AttentionFn, positions):
         super().__init__(
-            TransformerBlock(config, causal, attention_fn, positions)
-            for _ in range(config.num_layers)
+            TransformerBlock(config, causal, attention_fn, positions, layer)
+            for layer in range(config.num_layers)
         )
         self.checkpointing = config.activation_checkpointing
         self.reset_parameters()

@@ -119,3 +119,21 @@ def test_cache_smaller_than_the_longest_segment_raises():
         model(prompt[:, :1], cache=cache)  # position 8 needs keys 0..8: 9 positions
         with pytest.raises(ValueError, match="the cache holds 8 positions"):
             model(prompt[:, :1], cache=cache)  # position 8 reads keys 0..8
+
+
+def test_heads_shifted_by_layer_decode_exactly():
+    """shift_heads_by_layer: layer i keeps offsets (head + i) mod r; 2 heads and r = 4 leave
+    positions that no head of a layer keeps, and the cache must decode the same logits."""
+    model, _ = make_model(
+        num_heads=2, segment_lengths=(8, 16), dilation_rates=(4, 2), shift_heads_by_layer=True
+    )
+    assert [block.attn.head_shift for block in model.blocks] == [0, 1]
+    tokens = torch.randint(0, model.config.vocab_size, (1, 40))
+    with torch.no_grad():
+        expected = model(tokens).logits
+        cache = KVCache(model.config.num_layers, 16)
+        steps = [model(tokens[:, :3], cache=cache).logits]
+        steps += [model(tokens[:, t : t + 1], cache=cache).logits for t in range(3, 40)]
+        unshifted, _ = make_model(num_heads=2, segment_lengths=(8, 16), dilation_rates=(4, 2))
+        assert (unshifted(tokens).logits - expected).abs().max() > 1e-3  # the option acts
+    torch.testing.assert_close(torch.cat(steps, dim=1), expected, rtol=1e-10, atol=1e-10)
