@@ -1,4 +1,4 @@
-"""The process grid: world = data_parallel x sequence_parallel (../shared/SPEC.md).
+"""The process grid: world = data_parallel x sequence_parallel.
 
 Ranks fill a (data_parallel, sequence_parallel) grid row by row, like torchtitan's ParallelDims:
 a sequence-parallel group is a run of consecutive ranks, so it stays inside one node when it can
@@ -84,11 +84,34 @@ class ProcessGrid:
     sp_group: dist.ProcessGroup
 
 
+_single_rank_group: dict = {}
+
+
+def single_rank_group() -> dist.ProcessGroup:
+    """A process group of this rank alone, made once per world.
+
+    NOTE: new_group is collective over the world unless use_local_synchronization: creating a
+    one-rank group per rank the usual way makes every rank create world_size groups, slow to start
+    on large worlds. Only this rank takes part here (the group's name hashes its ranks, so it is
+    made once per world and cached).
+    """
+    world = dist.group.WORLD
+    cached = _single_rank_group.get("world")
+    if cached is not world:
+        group = dist.new_group([dist.get_rank()], use_local_synchronization=True)
+        _single_rank_group.update(world=world, group=group)
+    return _single_rank_group["group"]
+
+
 def _group_of(rank: int, all_ranks: list[list[int]]) -> dist.ProcessGroup:
+    if len(all_ranks[0]) == dist.get_world_size():
+        return dist.group.WORLD
+    if len(all_ranks[0]) == 1:
+        return single_rank_group()
     # new_group is collective over the world: every rank creates every group, in the same order.
     mine = None
     for ranks in all_ranks:
-        group = dist.group.WORLD if len(ranks) == dist.get_world_size() else dist.new_group(ranks)
+        group = dist.new_group(ranks)
         if rank in ranks:
             mine = group
     return mine

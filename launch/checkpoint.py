@@ -1,10 +1,16 @@
 """Checkpoints that a crash can never leave half-written as the latest.
 
     <output_dir>/checkpoints/step_000100/   DeepSpeed's files for step 100 (every rank writes)
-    <output_dir>/checkpoints/step_000100/COMPLETE   written by rank 0 once EVERY rank finished
+    <output_dir>/checkpoints/step_000100/COMPLETE   written by rank 0 once EVERY rank finished:
+                                            {"step", "time", "layout": {world_size, ...}}
 
 A folder without COMPLETE is an interrupted save: resumption ignores it and the next save of
 that step overwrites it. Only complete checkpoints count towards checkpoint.keep.
+
+Resuming: rank 0 alone decides what to resume from and hands its decision to every rank (on a
+shared filesystem that lags, ranks listing the folder themselves can see different latest
+steps). A checkpoint written by another layout (world size, data- or sequence-parallel degree)
+is refused before anything loads: DeepSpeed's ZeRO shards are laid out per rank.
 """
 
 from __future__ import annotations
@@ -25,6 +31,14 @@ def tag(step: int) -> str:
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
+
+
+def layout(world_size: int, data_parallel: int, sequence_parallel: int) -> dict[str, int]:
+    return {
+        "world_size": world_size,
+        "data_parallel": data_parallel,
+        "sequence_parallel": sequence_parallel,
+    }
 
 
 def complete_steps(directory: Path) -> list[int]:
@@ -59,11 +73,52 @@ def resolve_resume(resume: str, output_dir: str | Path) -> tuple[Path, str] | No
     return path.parent, path.name
 
 
-def mark_complete(directory: Path, step: int, keep: int) -> None:
+def check_layout(found: tuple[Path, str], current: dict[str, int]) -> None:
+    """ValueError unless checkpoint `found` (resolve_resume's answer) was saved by `current`."""
+    marker = json.loads((found[0] / found[1] / COMPLETE).read_text())
+    saved = marker.get("layout")  # None: written before layouts were recorded
+    if saved is not None and saved != current:
+        raise ValueError(
+            f"checkpoint {found[0] / found[1]} was saved with layout {saved}, this run has "
+            f"{current}: resume with the saved world size and parallel.sequence_parallel_size, "
+            f"or choose another run.output_dir"
+        )
+
+
+def plan_resume(
+    resume: str, output_dir: str | Path, current: dict[str, int]
+) -> tuple[Path, str] | None:
+    """resolve_resume, refusing a checkpoint saved under another layout than `current`."""
+    found = resolve_resume(resume, output_dir)
+    if found is not None:
+        check_layout(found, current)
+    return found
+
+
+def agree_on_resume(
+    resume: str, output_dir: str | Path, current: dict[str, int]
+) -> tuple[Path, str] | None:
+    """plan_resume decided on rank 0 and broadcast: every rank gets the same answer, or the
+    same ValueError. A collective: every rank calls it."""
+    import torch.distributed as dist
+
+    decision = [None, None]
+    if dist.get_rank() == 0:
+        try:
+            decision[0] = plan_resume(resume, output_dir, current)
+        except ValueError as error:
+            decision[1] = str(error)
+    dist.broadcast_object_list(decision, src=0)
+    if decision[1] is not None:
+        raise ValueError(decision[1])
+    return decision[0]
+
+
+def mark_complete(directory: Path, step: int, keep: int, current: dict[str, int]) -> None:
     """Rank 0, after every rank saved `step`: make it count, then drop the oldest beyond keep."""
     marker = directory / tag(step) / COMPLETE
     tmp = marker.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"step": step, "time": time.time()}))
+    tmp.write_text(json.dumps({"step": step, "time": time.time(), "layout": current}))
     tmp.replace(marker)  # atomic: the checkpoint is complete or it is not
     for old in complete_steps(directory)[:-keep]:
         shutil.rmtree(directory / tag(old), ignore_errors=True)

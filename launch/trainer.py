@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import hashlib
 import math
 import os
 import socket
@@ -32,6 +33,7 @@ from longnet.distributed import (
     sequence_parallel_dilated_attention,
     shard_sequence,
 )
+from longnet.distributed.grid import single_rank_group
 from longnet.launch import checkpoint, data
 from longnet.launch.config import Config, load_config, save_config
 from longnet.launch.metrics import MetricsLogger
@@ -41,18 +43,21 @@ from longnet.model import IGNORE_INDEX
 class SequenceDataParallelMPU:
     """The `mpu` DeepSpeed asks for sequence parallelism (the Ulysses interface): gradients are
     reduced over the whole world and divided by the data-parallel degree, ZeRO shards over the
-    world, and batch sizes count data-parallel ranks only."""
+    world, and batch sizes count data-parallel ranks only.
+
+    What DeepSpeed 0.19 calls on it: the sequence-parallel and sequence-data-parallel getters
+    (groups.py, engine.py); get_model_parallel_rank (checkpoint file names); and, because
+    initialize_sequence_parallel exists, ZeRO 1-3 and groups._get_data_parallel_group treat the
+    model-parallel group as absent. Only the paths without ZeRO (clip_grad_norm_, the bf16 and
+    fp16 optimizers' norm and overflow checks) ask for get_model_parallel_group: there is no
+    tensor parallelism, so it is this rank alone, made on first use without the other ranks.
+    """
 
     def __init__(self, grid):
         self.grid = grid
-        # No tensor parallelism: each rank is its own model-parallel group (gradient norms are
-        # reduced over it). new_group is collective: every rank creates every group, in order.
-        world = torch.distributed.get_world_size()
-        groups = [torch.distributed.new_group([rank]) for rank in range(world)]
-        self.model_parallel_group = groups[grid.rank]
 
     def get_model_parallel_group(self):
-        return self.model_parallel_group
+        return single_rank_group()
 
     def get_model_parallel_world_size(self):
         return 1
@@ -82,8 +87,24 @@ class SequenceDataParallelMPU:
         return self.grid.rank
 
 
+def count_parameters(model: torch.nn.Module) -> int:
+    """Distinct parameters, also of a model partitioned by ZeRO-3 (which empties .data)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
 def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of one rank's step: the same on every Python (hash() of a tuple is not promised
+    to be), so a resumed run replays an uninterrupted one's dropout."""
+    digest = hashlib.blake2b(f"{seed},{step},{rank}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % 2**63
+
+
+def zero_stage(ds_config: dict) -> int:
+    return ds_config.get("zero_optimization", {}).get("stage", 0)
 
 
 def validate(config: Config, world_size: int) -> None:
@@ -135,6 +156,8 @@ def validate(config: Config, world_size: int) -> None:
                 f"{previous.model} and data.seq_len={previous.data.seq_len}; this config has "
                 f"{config.model} and {config.data.seq_len}: choose another output_dir"
             )
+    if resume is not None:
+        checkpoint.check_layout(resume, checkpoint.layout(world_size, world_size // sp, sp))
 
 
 def deepspeed_config(config: Config, data_parallel: int) -> dict:
@@ -204,6 +227,12 @@ class Trainer:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
         else:
             accelerator.set_device(local_rank)
+        dims = self.grid.dims
+        self.layout = checkpoint.layout(dims.world_size, dims.data_parallel, sp)
+        # Before anything is written or loaded: a refused resume leaves the run as it was.
+        resume = checkpoint.agree_on_resume(
+            config.checkpoint.resume, config.run.output_dir, self.layout
+        )
 
         # The tokenised corpus: built once per node (caches are usually node-local), then read.
         # A corpus found bad while reading stops every rank, before the run folder is touched.
@@ -227,19 +256,20 @@ class Trainer:
         attention_fn = functools.partial(
             sequence_parallel_dilated_attention, group=self.grid.sp_group
         )
-        torch.manual_seed(config.train.seed)  # the same initial weights on every rank
-        model = LongNetLM(model_config, attention_fn=attention_fn)
         self.ds_config = deepspeed_config(config, self.grid.dims.data_parallel)
+        mpu = SequenceDataParallelMPU(self.grid) if sp > 1 else None
+        torch.manual_seed(config.train.seed)  # the same initial weights on every rank
+        # ZeRO-3: each parameter is partitioned as soon as its module is built, so no rank ever
+        # holds the whole model (the same values as an unpartitioned build: same seed, same order).
+        with deepspeed.zero.Init(
+            config_dict_or_path=self.ds_config, mpu=mpu, enabled=zero_stage(self.ds_config) == 3
+        ):
+            model = LongNetLM(model_config, attention_fn=attention_fn)
         self.engine, *_ = deepspeed.initialize(
-            model=model,
-            model_parameters=model.parameters(),
-            config=self.ds_config,
-            mpu=SequenceDataParallelMPU(self.grid) if sp > 1 else None,
+            model=model, model_parameters=model.parameters(), config=self.ds_config, mpu=mpu
         )
-        self.shard_len = config.data.seq_len // sp
 
         self.step = 0
-        resume = checkpoint.resolve_resume(config.checkpoint.resume, self.output_dir)
         if resume is not None:
             directory, tag = resume
             _, client = self.engine.load_checkpoint(str(directory), tag=tag)
@@ -247,7 +277,7 @@ class Trainer:
         self.metrics = MetricsLogger(config, self.step, config.train.steps, self.rank0)
         if self.rank0:
             print(
-                f"LongNet {model.num_parameters() / 1e6:.2f}M parameters, world {world} = "
+                f"LongNet {count_parameters(model) / 1e6:.2f}M parameters, world {world} = "
                 f"dp {self.grid.dims.data_parallel} x sp {sp}, device {self.device}, "
                 f"{f'resuming after step {self.step}' if self.step else 'starting'}",
                 file=sys.stderr,
@@ -284,7 +314,7 @@ class Trainer:
         """One optimizer step (gradient_accumulation_steps micro-batches); the global loss."""
         ds, grid = self.ds_config, self.grid
         # Dropout's randomness is a function of (seed, step, rank): resuming replays it exactly.
-        torch.manual_seed(hash((self.config.train.seed, self.step, grid.rank)) % 2**63)
+        torch.manual_seed(step_seed(self.config.train.seed, self.step, grid.rank))
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         tokens = torch.zeros((), dtype=torch.float64, device=self.device)
         for micro_step in range(ds["gradient_accumulation_steps"]):
@@ -352,12 +382,13 @@ class Trainer:
         self.engine.save_checkpoint(
             str(directory),
             tag=checkpoint.tag(self.step),
-            client_state={"step": self.step},
+            client_state={"step": self.step, "layout": self.layout},
             save_latest=False,
         )
         torch.distributed.barrier()  # every rank's files are on disk
         if self.rank0:
-            checkpoint.mark_complete(directory, self.step, self.config.checkpoint.keep)
+            keep = self.config.checkpoint.keep
+            checkpoint.mark_complete(directory, self.step, keep, self.layout)
         torch.distributed.barrier()
 
     def fit(self) -> None:
