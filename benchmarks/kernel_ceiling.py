@@ -19,8 +19,9 @@ import time
 import torch
 
 from longnet.config import PAPER_DILATION_RATES, PAPER_SEGMENT_LENGTHS
-from longnet.dilated import gather_call, plan
+from longnet.engine import own_keys, queries
 from longnet.kernels import attention_backward, attention_forward, resolve_backend
+from longnet.plan import make_plan
 
 
 def parse_args() -> argparse.Namespace:
@@ -55,15 +56,15 @@ def kernel_calls(q, k, v, grad, kernel):
     """The fused calls of dilated attention, then the dense one; q, k, v, grad (b, n, h, d)."""
     scale = q.shape[-1] ** -0.5
     calls = []
-    for pattern in plan(q, k, tuple(zip(PAPER_SEGMENT_LENGTHS, PAPER_DILATION_RATES, strict=True))):
-        for call in pattern:
-            block = call[0]
-            inputs = (gather_call(call, q), gather_call(call, k, True), gather_call(call, v, True))
-            segment_heads = sum(b.num_segments * b.num_heads for b in call)
-            pairs = segment_heads * block.count * (block.count + 1) // 2
-            name = f"w={block.segment_length} r={block.rate} c={block.count}"
-            calls.append(kernel_call(name, pairs, inputs, gather_call(call, grad), scale, kernel))
-    n, heads = q.shape[1], q.shape[2]
+    _, n, heads, _ = q.shape
+    patterns = tuple(zip(PAPER_SEGMENT_LENGTHS, PAPER_DILATION_RATES, strict=True))
+    for call in make_plan(n, heads, k.shape[2], patterns, True).local:
+        block = call.blocks[0]
+        inputs = (queries(call, q), own_keys(call, k), own_keys(call, v))
+        segment_heads = sum(b.num_segments * b.num_heads for b in call.blocks)
+        pairs = segment_heads * block.count * (block.count + 1) // 2
+        name = f"w={block.segment_length} r={block.rate} c={block.count}"
+        calls.append(kernel_call(name, pairs, inputs, queries(call, grad), scale, kernel))
     dense = [x.transpose(1, 2) for x in (q, k, v, grad)]  # (b, h, n, d)
     pairs = heads * n * (n + 1) // 2
     calls.append(kernel_call("dense", pairs, dense[:3], dense[3], scale, kernel))
