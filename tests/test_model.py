@@ -374,3 +374,21 @@ def test_bad_model_inputs_raise_value_error():
         model(tokens, tokens[:, :4])
     with pytest.raises(ValueError, match="position_offset"):
         model(tokens, position_offset=-8)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda t, vocab: t.masked_fill(t == t[0, 3], vocab), "tokens must be ids in \\[0, 40\\)"),
+        (lambda t, vocab: t.masked_fill(t == t[0, 3], -1), "got -1"),
+        (lambda t, vocab: t[:, :0], "tokens must not be empty"),
+        (lambda t, vocab: t[:0], "tokens must not be empty"),
+    ],
+)
+def test_token_ids_outside_the_vocabulary_raise_value_error(make, message):
+    """On CUDA an id outside the table is a device-side assert that kills the process."""
+    config = small_config()
+    assert config.vocab_size == 40
+    model = LongNetLM(config)
+    with pytest.raises(ValueError, match=message):
+        model(make(random_tokens(config, 2, 8), config.vocab_size))
