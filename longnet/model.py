@@ -203,11 +203,16 @@ class LMOutput:
     num_tokens: torch.Tensor | None = None
 
 
-def _cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _cross_entropy_sum(
+    logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """logits (t, V), targets (t,): summed cross-entropy in float32 (float64 for float64),
-    IGNORE_INDEX skipped."""
+    IGNORE_INDEX skipped; each term times weights (t,) when given."""
     logits = logits.to(accumulation_dtype(logits.dtype))
-    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    if weights is None:
+        return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    losses = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none")
+    return (losses * weights.to(losses.dtype)).sum()
 
 
 def check_token_ids(tokens: torch.Tensor, vocab_size: int) -> None:
@@ -319,6 +324,7 @@ class LongNetLM(nn.Module):
         position_offset: int = 0,
         cache: KVCache | None = None,
         return_logits: bool = True,
+        loss_weights: torch.Tensor | None = None,
     ) -> LMOutput:
         """tokens (b, n) int, and optionally labels (b, n): labels[:, i] is the token that should
         follow tokens[:, i] (already shifted; IGNORE_INDEX = -100 where there is none), which lets
@@ -331,6 +337,10 @@ class LongNetLM(nn.Module):
         positional encodings. Segments are cut by the attention function: dilated_attention cuts
         them from tokens[:, 0], so a shard run alone on one device should start at a multiple of
         every segment length. cache (a KVCache) is for generate().
+
+        loss_weights (b, n) float weighs each label's cross-entropy (a retrieval answer can count
+        as much as the rest of its row): loss_sum is the weighted sum and num_tokens the sum of
+        the weights of the labels that are not IGNORE_INDEX.
         """
         if labels is not None and (
             not isinstance(labels, torch.Tensor) or labels.shape != tokens.shape
@@ -339,20 +349,32 @@ class LongNetLM(nn.Module):
                 f"labels must have the shape of tokens {tuple(tokens.shape)}, got "
                 f"{tuple(getattr(labels, 'shape', ()))}"
             )
+        if loss_weights is not None and (
+            not isinstance(loss_weights, torch.Tensor) or loss_weights.shape != tokens.shape
+        ):
+            raise ValueError(
+                f"loss_weights must have the shape of tokens {tuple(tokens.shape)}, got "
+                f"{tuple(getattr(loss_weights, 'shape', ()))}"
+            )
         hidden = self.hidden_states(tokens, position_offset, cache)  # (b, n, D)
         if labels is None:
             return LMOutput(self.lm_head(hidden))
         hidden, targets = hidden.flatten(0, 1), labels.flatten()  # (b*n, D), (b*n,)
+        weights = None if loss_weights is None else loss_weights.flatten()  # (b*n,)
         if return_logits:
             logits = self.lm_head(hidden)  # (b*n, V)
-            loss_sum = _cross_entropy_sum(logits, targets)
+            loss_sum = _cross_entropy_sum(logits, targets, weights)
             logits = logits.unflatten(0, labels.shape)
         else:
-            logits, loss_sum = None, self._chunked_loss_sum(hidden, targets)
+            logits, loss_sum = None, self._chunked_loss_sum(hidden, targets, weights)
         num_tokens = (labels != IGNORE_INDEX).sum()
+        if weights is not None:
+            num_tokens = (weights * (targets != IGNORE_INDEX)).sum()
         return LMOutput(logits, loss_sum / num_tokens.clamp(min=1), loss_sum, num_tokens)
 
-    def _chunked_loss_sum(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _chunked_loss_sum(
+        self, hidden: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Summed cross-entropy of hidden (t, D) against targets (t,), a chunk of tokens at a time.
 
         NOTE: the logits of a long sequence do not fit (1M tokens x 50K vocabulary is 200 GB in
@@ -363,14 +385,17 @@ class LongNetLM(nn.Module):
         parts = []
         for start in range(0, len(targets), chunk):
             part = hidden[start : start + chunk], targets[start : start + chunk]
+            part += (None if weights is None else weights[start : start + chunk],)
             if torch.is_grad_enabled():
                 parts.append(checkpoint(self._head_loss_sum, *part, use_reentrant=False))
             else:
                 parts.append(self._head_loss_sum(*part))
         return torch.stack(parts).sum()
 
-    def _head_loss_sum(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return _cross_entropy_sum(self.lm_head(hidden), targets)
+    def _head_loss_sum(
+        self, hidden: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None
+    ) -> torch.Tensor:
+        return _cross_entropy_sum(self.lm_head(hidden), targets, weights)
 
     @torch.no_grad()
     def generate(

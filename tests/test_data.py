@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from longnet.launch.data import ByteTokenizer, DataConfig, check, load, make_tokenizer, prepare
+from longnet.launch.data.passkey import plant
 
 EOS = ByteTokenizer.eos_id
 SMALL_STDLIB = dict(seq_len=32, max_documents=10, validation_fraction=0.3)
@@ -365,6 +366,11 @@ def test_concurrent_prepare(tmp_path, corpus_folder):
         (dict(text_field=""), "data.text_field"),
         (dict(source="files", path=5), "data.path must be a string, got 5"),
         (dict(cache_dir=["a"]), "data.cache_dir must be a string, got \\['a'\\]"),
+        (dict(passkey_fraction=1.5), "data.passkey_fraction must be in \\[0, 1\\], got 1.5"),
+        (dict(seq_len_schedule=[[0, 100]]), "length 100 must divide data.seq_len=256"),
+        (dict(seq_len_schedule=[[5, 128]]), "steps must start at 0 and rise, got \\[5\\]"),
+        (dict(seq_len_schedule=[[0, 64], [0, 128]]), "start at 0 and rise, got \\[0, 0\\]"),
+        (dict(seq_len_schedule=[[0, "64"]]), "must be \\[\\[step, length\\], ...\\]"),
     ],
 )
 def test_bad_config_values(values, match):
@@ -440,3 +446,93 @@ def test_unreadable_files_and_empty_corpora(tmp_path):
     write_jsonl(many, [{"text": f"doc{i:03d}"} for i in range(200)])
     with pytest.raises(ValueError, match="validation split has .* fewer than seq_len \\+ 1 = 201"):
         load(files_config(tmp_path, many, seq_len=200, validation_fraction=0.05))
+
+
+def test_passkey_rows_are_the_corpus_with_a_key_and_a_weighted_answer(tmp_path):
+    config = DataConfig(
+        **SMALL_STDLIB | dict(seq_len=128), cache_dir=str(tmp_path), passkey_fraction=0.5
+    )
+    corpus = load(config)
+    plain = load(replace(config, passkey_fraction=0.0)).train
+    train = corpus.train.at_seq_len(128)  # a curriculum stage: the same class and fraction
+    plain = plain.at_seq_len(128)
+    indices = list(range(40))
+    rows, again = train.rows(indices), train.rows(indices[::-1])
+    assert torch.equal(rows["input_ids"], again["input_ids"].flip(0))  # a function of the index
+    reference = plain.rows(indices)
+    planted = 0
+    for i in indices:
+        text = bytes(t for t in rows["input_ids"][i].tolist() + [rows["labels"][i, -1]] if t < 256)
+        weights = rows["loss_weights"][i]
+        if torch.equal(rows["labels"][i], reference["labels"][i]):
+            assert torch.equal(weights, torch.ones(128))
+            continue
+        planted += 1
+        key = text[-5:].decode()
+        assert key.isdigit() and text.endswith(
+            f"what is the pass key? the pass key is {key}".encode()
+        )
+        assert f"# the pass key is {key}.\n".encode() in text
+        # The five answer labels weigh as much as the other 123 together.
+        assert torch.allclose(weights[-5:], torch.full((5,), 123 / 5))
+        assert torch.equal(weights[:-5], torch.ones(123))
+        changed = (rows["input_ids"][i] != reference["input_ids"][i]).nonzero()
+        assert len(changed) <= 26 + 46  # the key line and the question only
+    assert 10 < planted < 30  # about half of 40
+
+
+def test_passkey_depth_places_the_key():
+    tokenizer = ByteTokenizer()
+    row = np.full(201, ord("x"), np.int64)
+    first, start = plant(row, tokenizer, "12345", 0.0)
+    last, _ = plant(row, tokenizer, "12345", 1.0)
+    key = b"\n# the pass key is 12345.\n"
+    assert bytes(first[: len(key)].tolist()) == key
+    question = b"\n# what is the pass key? the pass key is 12345"
+    assert bytes(last[-len(question) - len(key) :].tolist()) == key + question
+    assert bytes(first[start:].tolist()) == b"12345" and start == 196
+    with pytest.raises(ValueError, match="a pass key needs 72 tokens, the row holds 60"):
+        plant(row[:60], tokenizer, "12345", 0.5)
+    with pytest.raises(ValueError, match="depth must be in \\[0, 1\\], got 2"):
+        plant(row, tokenizer, "12345", 2)
+
+
+def test_passkey_rows_too_short_for_a_key_fail_at_load(tmp_path):
+    config = DataConfig(
+        **SMALL_STDLIB | dict(seq_len=64),
+        cache_dir=str(tmp_path),
+        passkey_fraction=1.0,
+        seq_len_schedule=[[0, 32], [10, 64]],
+    )
+    with pytest.raises(ValueError, match="passkey_fraction with rows of 32 tokens: a pass key"):
+        load(config)
+
+
+def test_seq_len_schedule_stages():
+    config = DataConfig(seq_len=256, seq_len_schedule=[[0, 64], [10, 128], [20, 256]])
+    assert [config.seq_len_at(s) for s in (0, 9, 10, 19, 20, 10**6)] == [64, 64, 128, 128, 256, 256]
+    assert DataConfig(seq_len=256).seq_len_at(7) == 256
+
+
+def test_loss_weights_weigh_each_label():
+    from longnet import LongNetConfig, LongNetLM
+
+    torch.manual_seed(0)
+    model = LongNetLM(LongNetConfig.preset("longnet-tiny"))
+    tokens = torch.randint(0, 256, (2, 32))
+    labels = torch.randint(0, 256, (2, 32))
+    labels[1, :4] = -100
+    weights = torch.rand(2, 32) * 3
+    losses = torch.nn.functional.cross_entropy(
+        model(tokens).logits.transpose(1, 2), labels, reduction="none"
+    )  # (2, 32), 0 where ignored
+    kept = weights * (labels != -100)
+    for return_logits in (True, False):
+        out = model(tokens, labels, return_logits=return_logits, loss_weights=weights)
+        assert torch.allclose(out.loss_sum, (losses * weights).sum(), rtol=1e-5)
+        assert torch.allclose(out.num_tokens, kept.sum())
+    plain = model(tokens, labels)
+    ones = model(tokens, labels, loss_weights=torch.ones(2, 32))
+    assert torch.allclose(plain.loss, ones.loss, rtol=1e-6)
+    with pytest.raises(ValueError, match="loss_weights must have the shape of tokens"):
+        model(tokens, labels, loss_weights=torch.ones(2, 31))

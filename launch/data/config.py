@@ -26,6 +26,12 @@ class DataConfig:
     max_documents: keep only this many documents (the stdlib: in a fixed pseudo-random order).
     cache_dir: where tokenised corpora are cached; None: $XDG_CACHE_HOME or ~/.cache, /longnet/data.
     num_proc: processes for reading and tokenising.
+    passkey_fraction: share of training rows with a pass key planted in them
+        (longnet.launch.data.passkey), chosen per row index; 0: none.
+    seq_len_schedule: a context curriculum, [[step, length], ...] from step 0 on with rising
+        steps: from `step` on, training rows hold `length` tokens (a divisor of seq_len) and each
+        micro-batch seq_len / length times as many rows, so the tokens per step stay the same.
+        None: seq_len throughout. Evaluation and checkpoints ignore it.
     """
 
     seq_len: int = 256
@@ -41,6 +47,8 @@ class DataConfig:
     max_documents: int | None = None
     cache_dir: str | None = None
     num_proc: int = 1
+    passkey_fraction: float = 0.0
+    seq_len_schedule: list[list[int]] | None = None
 
     def __post_init__(self):
         self.validate()
@@ -77,3 +85,37 @@ class DataConfig:
             raise ValueError(f"data.shuffle_seed must be an integer, got {self.shuffle_seed!r}")
         if self.shuffle_seed < 0:
             raise ValueError(f"data.shuffle_seed must be >= 0, got {self.shuffle_seed}")
+        fraction = self.passkey_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+            raise ValueError(f"data.passkey_fraction must be a number, got {fraction!r}")
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"data.passkey_fraction must be in [0, 1], got {fraction!r}")
+        if self.seq_len_schedule is not None:
+            self._check_schedule(self.seq_len_schedule)
+
+    def _check_schedule(self, schedule) -> None:
+        bad = f"data.seq_len_schedule must be [[step, length], ...], got {schedule!r}"
+        if not isinstance(schedule, list) or not schedule:
+            raise ValueError(bad)
+        for stage in schedule:
+            if not (
+                isinstance(stage, (list, tuple))
+                and len(stage) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in stage)
+            ):
+                raise ValueError(bad)
+        steps = [step for step, _ in schedule]
+        if steps[0] != 0 or any(a >= b for a, b in zip(steps, steps[1:], strict=False)):
+            raise ValueError(f"data.seq_len_schedule steps must start at 0 and rise, got {steps}")
+        for _, length in schedule:
+            if length < 1 or self.seq_len % length:
+                raise ValueError(
+                    f"data.seq_len_schedule length {length} must divide data.seq_len={self.seq_len}"
+                )
+        self.seq_len_schedule = [list(stage) for stage in schedule]
+
+    def seq_len_at(self, step: int) -> int:
+        """The training row length of optimizer step `step` (the curriculum's stage)."""
+        if self.seq_len_schedule is None:
+            return self.seq_len
+        return [length for start, length in self.seq_len_schedule if start <= step][-1]

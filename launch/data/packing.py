@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import dataclass
@@ -76,6 +77,12 @@ class PackedDataset(torch.utils.data.Dataset):
         ).astype(np.int64)
         block = torch.from_numpy(block)  # (rows, seq_len + 1)
         return {"input_ids": block[:, :-1].contiguous(), "labels": block[:, 1:].contiguous()}
+
+    def at_seq_len(self, seq_len: int) -> PackedDataset:
+        """The same split, sampler seed and class at another seq_len (a curriculum stage)."""
+        other = copy.copy(self)
+        other.__dict__.update(PackedDataset(self.stream, seq_len, self.seed, self.split).__dict__)
+        return other
 
     def permutation(self, epoch: int) -> np.ndarray:
         """The row order of an epoch: a pure function of (seed, epoch)."""
@@ -184,4 +191,15 @@ def load(config: DataConfig) -> Corpus:
         )
         for name in stats
     }
+    if config.passkey_fraction:
+        from .passkey import DIGITS, PasskeyDataset, plant  # passkey builds on this module
+
+        splits["train"] = PasskeyDataset(splits["train"], tokenizer, config.passkey_fraction)
+        shortest = min(length for _, length in config.seq_len_schedule or [[0, config.seq_len]])
+        try:
+            plant(np.zeros(shortest + 1, np.int64), tokenizer, "0" * DIGITS, 0.0)
+        except ValueError as error:
+            raise ValueError(
+                f"data.passkey_fraction with rows of {shortest} tokens: {error}"
+            ) from None
     return Corpus(tokenizer, splits["train"], splits.get("validation"), path, from_cache, stats)
