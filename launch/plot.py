@@ -2,16 +2,19 @@
 
 Writes loss.png (training loss, and validation loss at every evaluated context length),
 throughput.png (tokens per second) and eval.png (the last evaluation's bits per byte against
-the context length: LongNet's claim is that it keeps falling as the context grows).
+the context length, from 0 and printed: LongNet's claim is that it keeps falling as the context
+grows). plot_evaluation draws launch/evaluate.py's results.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 from collections import defaultdict
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -59,13 +62,89 @@ def plot(run: Path, out: Path) -> list[Path]:
         )
         figure, axes = plt.subplots(figsize=(7, 4))
         axes.plot(*zip(*points, strict=True), "o-")
+        _label_points(axes, points)
+        # From 0: a difference looks as large as it is, not stretched over the whole axis.
         axes.set(
             xscale="log",
+            ylim=(0, None),
             xlabel="context length (tokens)",
             ylabel="bits per byte",
             title=f"{run.name}: validation at step {last}",
         )
         written.append(_save(figure, out / "eval.png"))
+    return written
+
+
+def _label_points(axes, points, digits: int = 4) -> None:
+    for x, y in points:
+        axes.annotate(
+            f"{y:.{digits}f}",
+            (x, y),
+            textcoords="offset points",
+            xytext=(0, 6),
+            ha="center",
+            fontsize=7,
+        )
+
+
+def plot_evaluation(results: dict[str, dict], out: Path, prefix: str = "") -> list[Path]:
+    """launch/evaluate.py's results, one line per model ({label: results}): perplexity.png,
+    positions.png, copy.png (against the chance loss of a random copy) and passkey.png (a
+    heatmap per model, accuracy printed in each cell); y axes start at 0."""
+    from longnet.launch.evaluate import COPY_ALPHABET
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    curves = {
+        "perplexity": ("context length (tokens)", "bits per byte", "bits_per_byte"),
+        "positions": ("position in the window (bucket start)", "loss (nats/token)", "loss"),
+        "copy": ("distance between the copies (tokens)", "loss on the 2nd copy (nats)", "loss"),
+    }
+    for task, (xlabel, ylabel, key) in curves.items():
+        runs = {label: r[task] for label, r in results.items() if task in r}
+        if not runs:
+            continue
+        figure, axes = plt.subplots(figsize=(7, 4))
+        for label, rows in runs.items():
+            if task == "perplexity":
+                points = sorted((int(c), v[key]) for c, v in rows.items())
+            else:
+                points = [(v["start" if task == "positions" else "distance"], v[key]) for v in rows]
+            axes.plot(*zip(*points, strict=True), "o-", label=label)
+            _label_points(axes, points, 3)
+        if task == "copy":
+            axes.axhline(math.log(len(COPY_ALPHABET)), color="gray", ls="--", label="chance")
+        axes.set(
+            xscale="symlog" if task == "positions" else "log",
+            ylim=(0, None),
+            xlabel=xlabel,
+            ylabel=ylabel,
+            title=task,
+        )
+        axes.legend(fontsize=8)
+        written.append(_save(figure, out / f"{prefix}{task}.png"))
+    runs = {label: r["passkey"] for label, r in results.items() if "passkey" in r}
+    if runs:
+        figure, grid = plt.subplots(1, len(runs), figsize=(3.2 * len(runs) + 1, 3.4), squeeze=False)
+        for axes, (label, rows) in zip(grid[0], runs.items(), strict=True):
+            contexts = sorted({r["context"] for r in rows})
+            depths = sorted({r["depth"] for r in rows})
+            table = np.full((len(depths), len(contexts)), np.nan)
+            for r in rows:
+                table[depths.index(r["depth"]), contexts.index(r["context"])] = r["accuracy"]
+            axes.imshow(table, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
+            for (i, j), value in np.ndenumerate(table):
+                axes.text(j, i, f"{value:.0%}", ha="center", va="center", fontsize=8)
+            axes.set(
+                xticks=range(len(contexts)),
+                xticklabels=contexts,
+                yticks=range(len(depths)),
+                yticklabels=[f"{d:.0%}" for d in depths],
+                xlabel="context (tokens)",
+                ylabel="key depth",
+                title=label,
+            )
+        written.append(_save(figure, out / f"{prefix}passkey.png"))
     return written
 
 

@@ -1,0 +1,273 @@
+"""Does a model use its context? Four measurements on held-out data.
+
+    python launch/evaluate.py RUN_OR_MODEL_DIR --tasks perplexity,positions,copy,passkey \\
+        --context-lengths 256,1024,4096 --output eval.json
+
+RUN_OR_MODEL_DIR is a run folder (its latest complete checkpoint, its corpus) or an exported
+model folder (the corpus of --data-config, default the stdlib with the byte tokenizer). Windows
+are the first rows of the validation split (a random sample, the same for every model).
+
+    perplexity  loss, perplexity and bits per byte at each context length, always on the SAME
+                targets: the last min(context) tokens of each window of max(context) tokens;
+                only the amount of text before them changes
+    positions   mean loss by position in the max(context) windows, in buckets [0, 64),
+                [64, 128), [128, 256), ... (a model that uses its context keeps falling)
+    copy        a random string of COPY_LENGTH letters and digits, text, the same string again
+                ending the window: loss on the second copy against the distance between the
+                copies' starts; its first two tokens are left out (the first is unpredictable,
+                and one token does not yet tell which earlier text is being repeated)
+    passkey     a key planted at a depth in a window (longnet.launch.data.passkey), the question
+                at its end, the answer decoded greedily through the cached decoder: exact-match
+                accuracy per (context, depth)
+
+Writes the JSON and, next to it, PNG plots (launch/plot.py's plot_evaluation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import string
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from longnet import LongNetLM
+from longnet.launch.config import load_config
+from longnet.launch.data import Corpus, DataConfig, load
+from longnet.launch.data.passkey import plant, random_key
+from longnet.launch.generate import load_run
+from longnet.launch.plot import plot_evaluation
+from longnet.model import CONFIG_FILE
+
+TASKS = ("perplexity", "positions", "copy", "passkey")
+COPY_LENGTH = 32
+COPY_ALPHABET = string.ascii_letters + string.digits
+DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def load_model(path: Path, data_config: Path | None) -> tuple[LongNetLM, DataConfig]:
+    """The model in eval mode and the data config of its corpus."""
+    if (path / CONFIG_FILE).is_file():
+        model = LongNetLM.from_pretrained(path)
+        data = load_config(data_config).data if data_config else DataConfig()
+    elif (path / "config.yaml").is_file():
+        model, _ = load_run(path, None)
+        data = load_config(data_config or path / "config.yaml").data
+    else:
+        raise ValueError(f"{str(path)!r} is neither a run folder nor an exported model")
+    return model, data
+
+
+@torch.no_grad()
+def token_losses(model: LongNetLM, tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """tokens (b, n + 1) -> the cross-entropy of each next token (b, n), float32."""
+    parts = []
+    for chunk in tokens.split(batch_size):
+        logits = model(chunk[:, :-1]).logits.float()  # (b, n, V)
+        parts.append(F.cross_entropy(logits.transpose(1, 2), chunk[:, 1:], reduction="none"))
+    return torch.cat(parts)
+
+
+def windows(corpus: Corpus, length: int, count: int) -> torch.Tensor:
+    """The first `count` validation rows of `length` tokens, with their next token: (count,
+    length + 1). ValueError when the split holds fewer."""
+    rows = corpus.validation_rows(length, max_rows=count)
+    if len(rows["labels"]) < count:
+        raise ValueError(
+            f"the validation split holds {len(rows['labels'])} windows of {length} tokens, "
+            f"fewer than --windows {count}: use fewer windows or shorter contexts"
+        )
+    return torch.cat([rows["input_ids"], rows["labels"][:, -1:]], dim=1)
+
+
+def evaluate_perplexity(model, corpus, contexts, count, batch_size) -> tuple[dict, torch.Tensor]:
+    """({context: {loss, perplexity, bits_per_byte, tokens}}, losses of the longest windows)."""
+    longest, scored = max(contexts), min(contexts)
+    tokens = windows(corpus, longest, count)  # (N, longest + 1)
+    results, full = {}, None
+    for context in sorted(contexts):
+        losses = token_losses(model, tokens[:, longest - context :], batch_size)  # (N, context)
+        if context == longest:
+            full = losses
+        loss = losses[:, -scored:].double().mean().item()
+        results[str(context)] = {
+            "loss": loss,
+            "perplexity": math.exp(min(loss, 700.0)),
+            "bits_per_byte": corpus.bits_per_byte(loss),
+            "tokens": losses[:, -scored:].numel(),
+        }
+    return results, full
+
+
+def position_buckets(losses: torch.Tensor, first: int = 64) -> list[dict]:
+    """losses (N, n) -> mean loss over [0, first), [first, 2 first), [2 first, 4 first), ..."""
+    n, edges = losses.shape[1], [0, first]
+    while edges[-1] < n:
+        edges.append(min(2 * edges[-1], n))
+    edges[1] = min(edges[1], n)
+    return [
+        {"start": a, "end": b, "loss": losses[:, a:b].double().mean().item()}
+        for a, b in zip(edges, edges[1:], strict=False)
+        if b > a
+    ]
+
+
+def copy_distances(longest: int) -> list[int]:
+    """Distances between the copies' starts: doubling from 2 COPY_LENGTH, and the farthest."""
+    distances, distance = [], 2 * COPY_LENGTH
+    while distance + COPY_LENGTH <= longest:
+        distances.append(distance)
+        distance *= 2
+    if longest - COPY_LENGTH > distances[-1]:
+        distances.append(longest - COPY_LENGTH)
+    return distances
+
+
+def evaluate_copy(model, corpus, longest: int, count: int, batch_size: int, seed: int) -> list:
+    """[{distance, loss}] of the second copy (from its third token), see the module notes."""
+    tokenizer, base = corpus.tokenizer, windows(corpus, longest, count)[:, :longest]
+    rng = np.random.default_rng([seed, 0xC0B1])
+    results = []
+    for distance in copy_distances(longest):
+        tokens = base.clone()  # (N, longest)
+        for row in tokens:
+            text = "".join(rng.choice(list(COPY_ALPHABET), COPY_LENGTH))
+            ids = torch.tensor(tokenizer.encode(text))
+            second = longest - len(ids)
+            row[second:] = ids
+            row[second - distance : second - distance + len(ids)] = ids
+        losses = token_losses(model, tokens, batch_size)  # (N, longest - 1)
+        loss = losses[:, second + 1 :].double().mean().item()  # labels of copy tokens 3 .. m
+        results.append({"distance": distance, "loss": loss})
+    return results
+
+
+@torch.no_grad()
+def evaluate_passkey(model, corpus, contexts, depths, count, batch_size, seed) -> list:
+    """[{context, depth, accuracy, digit_accuracy}]: greedy decoding through the cache."""
+    results = []
+    for context in sorted(contexts):
+        base = windows(corpus, context, count)  # (N, context + 1)
+        for depth in depths:
+            rng = np.random.default_rng([seed, context, round(depth * 1000)])
+            prompts, answers = [], []
+            for row in base.numpy():
+                key = random_key(rng)
+                planted, start = plant(row, corpus.tokenizer, key, depth)
+                prompts.append(planted[:start])
+                answers.append(planted[start:])
+            prompts, answers = torch.tensor(np.stack(prompts)), torch.tensor(np.stack(answers))
+            decoded = torch.cat(
+                [
+                    model.generate(p, answers.shape[1], top_k=1)[:, -answers.shape[1] :]
+                    for p in prompts.split(batch_size)
+                ]
+            )  # (N, answer)
+            right = decoded == answers
+            results.append(
+                {
+                    "context": context,
+                    "depth": depth,
+                    "accuracy": right.all(dim=1).double().mean().item(),
+                    "digit_accuracy": right.double().mean().item(),
+                }
+            )
+    return results
+
+
+def evaluate(model, corpus, tasks, contexts, count, batch_size, seed=0, depths=DEPTHS) -> dict:
+    """The JSON of the module notes (with the model's patterns and parameter count)."""
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"--tasks: unknown {', '.join(unknown)}; tasks: {', '.join(TASKS)}")
+    if not contexts or any(c < 2 for c in contexts):
+        raise ValueError(f"--context-lengths must be integers >= 2, got {contexts}")
+    if any(not 0.0 <= d <= 1.0 for d in depths):
+        raise ValueError(f"--depths must lie in [0, 1], got {list(depths)}")
+    if "copy" in tasks and max(contexts) < 3 * COPY_LENGTH:
+        raise ValueError(f"the copy task needs a context of >= {3 * COPY_LENGTH} tokens")
+    config = model.config
+    results = {
+        "model": {
+            "segment_lengths": list(config.segment_lengths),
+            "dilation_rates": list(config.dilation_rates),
+            "parameters": model.num_parameters(),
+        },
+        "windows": count,
+        "scored_tokens_per_window": min(contexts),
+    }
+    start = time.perf_counter()
+    if "perplexity" in tasks or "positions" in tasks:
+        ppl, full = evaluate_perplexity(model, corpus, contexts, count, batch_size)
+        if "perplexity" in tasks:
+            results["perplexity"] = ppl
+        if "positions" in tasks:
+            results["positions"] = position_buckets(full)
+    if "copy" in tasks:
+        results["copy"] = evaluate_copy(model, corpus, max(contexts), count, batch_size, seed)
+    if "passkey" in tasks:
+        results["passkey"] = evaluate_passkey(
+            model, corpus, contexts, depths, count, batch_size, seed
+        )
+    results["seconds"] = time.perf_counter() - start
+    return results
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected integers separated by commas, got {text!r}"
+        ) from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("model", type=Path, help="a run's output_dir or an exported folder")
+    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--context-lengths", type=_ints, default=[256, 1024])
+    parser.add_argument("--windows", type=int, default=16, help="validation windows per task")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--depths", default=",".join(map(str, DEPTHS)))
+    parser.add_argument("--data-config", type=Path, help="a config YAML whose data section to use")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=Path, default=Path("eval.json"))
+    args = parser.parse_args(argv)
+    try:
+        depths = [float(d) for d in args.depths.split(",")]
+        if args.windows < 1 or args.batch_size < 1:
+            raise ValueError(
+                f"--windows and --batch-size must be >= 1, got {args.windows}, {args.batch_size}"
+            )
+        tasks = args.tasks.split(",")
+        model, data = load_model(args.model, args.data_config)
+        data.passkey_fraction, data.seq_len_schedule = 0.0, None
+        corpus = load(data)
+        results = evaluate(
+            model,
+            corpus,
+            tasks,
+            args.context_lengths,
+            args.windows,
+            args.batch_size,
+            args.seed,
+            depths,
+        )
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(results, indent=1) + "\n")
+    stem = args.output.with_suffix("")
+    for path in plot_evaluation({args.model.name: results}, stem.parent, stem.name + "-"):
+        print(path, file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
