@@ -179,6 +179,19 @@ def deepspeed_config(config: Config, data_parallel: int) -> dict:
     return ds
 
 
+def build_model(config: Config, grid, ds_config: dict, mpu) -> LongNetLM:
+    """The model, with the same initial weights on every rank, its attention sequence-parallel
+    over grid.sp_group. ZeRO-3: each parameter is partitioned as soon as its module is built, so
+    no rank ever holds the whole model (the same values as an unpartitioned build)."""
+    import deepspeed
+
+    attention_fn = functools.partial(sequence_parallel_dilated_attention, group=grid.sp_group)
+    torch.manual_seed(config.train.seed)
+    stage3 = zero_stage(ds_config) == 3
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, mpu=mpu, enabled=stage3):
+        return LongNetLM(config.model.build(), attention_fn=attention_fn)
+
+
 def _init_distributed() -> None:
     import deepspeed
 
@@ -252,19 +265,9 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, self.output_dir / "config.yaml")
 
-        model_config = config.model.build()
-        attention_fn = functools.partial(
-            sequence_parallel_dilated_attention, group=self.grid.sp_group
-        )
         self.ds_config = deepspeed_config(config, self.grid.dims.data_parallel)
         mpu = SequenceDataParallelMPU(self.grid) if sp > 1 else None
-        torch.manual_seed(config.train.seed)  # the same initial weights on every rank
-        # ZeRO-3: each parameter is partitioned as soon as its module is built, so no rank ever
-        # holds the whole model (the same values as an unpartitioned build: same seed, same order).
-        with deepspeed.zero.Init(
-            config_dict_or_path=self.ds_config, mpu=mpu, enabled=zero_stage(self.ds_config) == 3
-        ):
-            model = LongNetLM(model_config, attention_fn=attention_fn)
+        model = build_model(config, self.grid, self.ds_config, mpu)
         self.engine, *_ = deepspeed.initialize(
             model=model, model_parameters=model.parameters(), config=self.ds_config, mpu=mpu
         )

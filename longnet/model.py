@@ -124,19 +124,24 @@ class TransformerBlock(nn.Module):
 
 @contextlib.contextmanager
 def gathered(params):
-    """Whole values of parameters that DeepSpeed's ZeRO-3 `zero.Init` partitioned as their module
-    was built (a no-op for ordinary ones), so that initialisation after construction still works.
+    """Whole tensors for parameters that DeepSpeed's ZeRO-3 `zero.Init` partitioned as their module
+    was built (a no-op for ordinary ones), for an initialisation that overwrites every element.
 
-    NOTE: every rank runs the same initialisation from the same seed; rank 0's values are kept.
+    NOTE: every rank runs the same initialisation from the same seed, so each one materialises
+    the tensors locally, uninitialised (no all-gather), and keeps its partition of the result:
+    a few parameters are whole at a time, never the model.
     """
-    params = list(params)
-    if not any(hasattr(p, "ds_id") for p in params):
+    params = [p for p in params if hasattr(p, "ds_id")]
+    if not params:
         yield
         return
-    import deepspeed  # only models built under deepspeed.zero.Init get here
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
-        yield
+    for param in params:
+        param.data = torch.empty(param.ds_shape, dtype=param.dtype, device=param.ds_tensor.device)
+        param.ds_status = ZeroParamStatus.AVAILABLE
+    yield
+    params[0].partition(param_list=params, has_been_updated=True)
 
 
 class TransformerStack(nn.ModuleList):
@@ -158,8 +163,9 @@ class TransformerStack(nn.ModuleList):
         # each with its own fan-out, as the separate projections of the paper would be.
         gamma = math.sqrt(math.log(2 * len(self)))
         for block in self:
-            with gathered(block.parameters()):
-                attn = block.attn
+            attn = block.attn
+            linears = (attn.qkv, attn.out_proj, block.ffn.fc1, block.ffn.fc2)
+            with gathered(p for linear in linears for p in linear.parameters()):
                 q, k, v = attn.qkv.weight.data.split(
                     [attn.num_heads * attn.head_dim, *2 * [attn.num_kv_heads * attn.head_dim]]
                 )
@@ -170,7 +176,7 @@ class TransformerStack(nn.ModuleList):
                 for part in block.ffn.fc1.weight.data.chunk(2 if block.ffn.swiglu else 1):
                     nn.init.xavier_normal_(part, gain=gamma)
                 nn.init.xavier_normal_(block.ffn.fc2.weight, gain=gamma)
-                for linear in (attn.qkv, attn.out_proj, block.ffn.fc1, block.ffn.fc2):
+                for linear in linears:
                     if linear.bias is not None:
                         nn.init.zeros_(linear.bias)
 
