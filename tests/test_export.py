@@ -24,17 +24,17 @@ from distributed_utils import (
 
 from longnet import LongNetConfig, LongNetLM
 
-safetensors = pytest.importorskip("safetensors", reason="the hub extra: pip install longnet[hub]")
+safetensors = pytest.importorskip("safetensors.torch", reason="needs pip install longnet[hub]")
 
 TOKENS = torch.arange(300).remainder(250).unsqueeze(0)  # (1, 300): not a multiple of a segment
 
-# Resumes a finished run (its last checkpoint, DeepSpeed's own loading, under the run's layout)
-# and writes the engine's logits on TOKENS.
+# RUN TOKENS OUT: resumes a finished run (its last checkpoint, DeepSpeed's own loading, under
+# the run's layout) and writes the engine's logits on the tokens.
 ENGINE_LOGITS = """
 import sys
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from longnet.launch.config import load_config
 from longnet.launch.trainer import Trainer
@@ -42,9 +42,9 @@ from longnet.launch.trainer import Trainer
 trainer = Trainer(load_config(sys.argv[1] + "/config.yaml"))
 trainer.engine.eval()
 with torch.no_grad():
-    logits = trainer.engine(torch.arange(300).remainder(250).unsqueeze(0)).logits
+    logits = trainer.engine(load_file(sys.argv[2])["tokens"]).logits
 if torch.distributed.get_rank() == 0:
-    save_file({"logits": logits.contiguous()}, sys.argv[2])
+    save_file({"logits": logits.contiguous()}, sys.argv[3])
 torch.distributed.destroy_process_group()
 """
 
@@ -54,12 +54,14 @@ RUNS = {"zero-1": ("baseline", None), "zero-3-two-ranks": ("zero3-dp2", 2)}
 def _engine_logits(tmp_path: Path, run: Path, processes: int | None) -> torch.Tensor:
     script, out = tmp_path / "engine_logits.py", tmp_path / "engine_logits.safetensors"
     script.write_text(ENGINE_LOGITS)
+    tokens = tmp_path / "tokens.safetensors"
+    safetensors.save_file({"tokens": TOKENS}, tokens)
+    args = [str(script), str(run), str(tokens), str(out)]
     if processes is None:
-        run_command(python_command(str(script), str(run), str(out)))
+        run_command(python_command(*args))
     else:
-        launcher = ["--standalone", "--nproc_per_node", str(processes)]
-        run_command(torchrun_command(launcher, str(script), str(run), str(out)))
-    return safetensors.torch.load_file(out)["logits"]
+        run_command(torchrun_command(["--standalone", "--nproc_per_node", str(processes)], *args))
+    return safetensors.load_file(out)["logits"]
 
 
 def _export(run: Path, out: Path, *extra: str):
@@ -81,6 +83,8 @@ def test_exported_model_computes_the_trained_engines_logits(tmp_path, name):
         logits = model(TOKENS).logits
     expected = _engine_logits(tmp_path, run, processes)
     assert logits.shape == expected.shape == (1, 300, 264)
+    # Measured: equal under ZeRO-1; 2.6e-6 apart under ZeRO-3, whose engine runs linear layers
+    # through its own matmul (deepspeed's memory_efficient_linear).
     error = (logits - expected).abs().max().item()
     assert error <= 1e-5, error
 
