@@ -1,6 +1,6 @@
 """The long-context experiment (docs/long-context.md): train, evaluate, tabulate.
 
-    python benchmarks/long_context.py [--models dense,longnet,...] [--windows 24]
+    python benchmarks/long_context.py [--models dense,longnet,...] [--windows 40]
 
 Trains each configs/experiments/lc-<model>.yaml with the trainer (one process; an interrupted run
 resumes, a finished one is kept), evaluates it with launch/evaluate.py at 256, 512 and 1024
@@ -93,7 +93,7 @@ def table(results: dict[str, dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--windows", type=int, default=24)
+    parser.add_argument("--windows", type=int, default=40)
     args = parser.parse_args(argv)
     names = args.models.split(",")
     unknown = [n for n in names if n not in MODELS]

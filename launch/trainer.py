@@ -115,9 +115,12 @@ def validate(config: Config, world_size: int) -> None:
             f"parallel.sequence_parallel_size={sp} does not divide the world size {world_size}"
         )
     model = config.model.build()
-    for key, seq_len in [("data.seq_len", config.data.seq_len)] + [
-        ("train.eval_seq_lens", n) for n in config.train.eval_seq_lens
-    ]:
+    stages = config.data.seq_len_schedule or []
+    for key, seq_len in (
+        [("data.seq_len", config.data.seq_len)]
+        + [("data.seq_len_schedule", n) for _, n in stages]
+        + [("train.eval_seq_lens", n) for n in config.train.eval_seq_lens]
+    ):
         try:
             check_layout(model.segment_lengths, model.dilation_rates, seq_len, sp)
         except ValueError as error:
@@ -150,11 +153,17 @@ def validate(config: Config, world_size: int) -> None:
     saved = output_dir / "config.yaml"
     if resume is not None and saved.is_file():
         previous = load_config(saved)
-        if previous.model != config.model or previous.data.seq_len != config.data.seq_len:
+        if (
+            previous.model != config.model
+            or previous.data.seq_len != config.data.seq_len
+            or previous.data.seq_len_schedule != config.data.seq_len_schedule
+        ):
             raise ValueError(
                 f"run.output_dir={str(output_dir)!r} was trained with model "
-                f"{previous.model} and data.seq_len={previous.data.seq_len}; this config has "
-                f"{config.model} and {config.data.seq_len}: choose another output_dir"
+                f"{previous.model}, data.seq_len={previous.data.seq_len} and seq_len_schedule="
+                f"{previous.data.seq_len_schedule}; this config has {config.model}, "
+                f"{config.data.seq_len} and {config.data.seq_len_schedule}: choose another "
+                f"output_dir"
             )
     if resume is not None:
         checkpoint.check_layout(resume, checkpoint.layout(world_size, world_size // sp, sp))
@@ -278,6 +287,18 @@ class Trainer:
             _, client = self.engine.load_checkpoint(str(directory), tag=tag)
             self.step = client["step"]
         self.metrics = MetricsLogger(config, self.step, config.train.steps, self.rank0)
+        longest = max(model.config.segment_lengths)
+        beyond = sorted(
+            n for n in {config.data.seq_len, *config.train.eval_seq_lens} if n > longest
+        )
+        if beyond and self.rank0:
+            print(
+                f"warning: evaluating at {beyond} tokens, beyond the model's largest segment "
+                f"({longest}): no token sees more than {longest - 1} tokens back, so more "
+                f"context cannot lower the loss there",
+                file=sys.stderr,
+            )
+        self._train_sets = {config.data.seq_len: self.corpus.train}  # curriculum stages
         if self.rank0:
             print(
                 f"LongNet {count_parameters(model) / 1e6:.2f}M parameters, world {world} = "
@@ -288,18 +309,25 @@ class Trainer:
 
     # -- one micro-batch ------------------------------------------------------------------------
 
-    def _shard(self, rows: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """This rank's slice of (input_ids, labels) (b, n / sp) and its global start."""
-        tokens, labels = (
-            shard_sequence(rows[key], self.grid.sp_group).to(self.device)
-            for key in ("input_ids", "labels")
-        )
-        return tokens, labels, self.grid.sp_rank * tokens.shape[1]
+    def _shard(self, rows: dict) -> dict[str, torch.Tensor]:
+        """This rank's slice (b, n / sp) of each of input_ids, labels and loss_weights (rows
+        with a pass key weigh its answer, longnet.launch.data.passkey)."""
+        return {
+            key: shard_sequence(value, self.grid.sp_group).to(self.device)
+            for key, value in rows.items()
+        }
 
     def _loss(self, rows: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(loss to backpropagate, this slice's loss sum, its token count), see module notes."""
-        tokens, labels, start = self._shard(rows)
-        out = self.engine(tokens, labels=labels, position_offset=start, return_logits=False)
+        """(loss to backpropagate, this slice's loss sum, its token count or, with loss weights,
+        its weight), see module notes."""
+        mine = self._shard(rows)
+        out = self.engine(
+            mine["input_ids"],
+            labels=mine["labels"],
+            position_offset=self.grid.sp_rank * mine["input_ids"].shape[1],
+            return_logits=False,
+            loss_weights=mine.get("loss_weights"),
+        )
         group_tokens = out.num_tokens.detach().clone()
         torch.distributed.all_reduce(group_tokens, group=self.grid.sp_group)
         loss = out.loss_sum / group_tokens.clamp(min=1)
@@ -318,15 +346,20 @@ class Trainer:
         ds, grid = self.ds_config, self.grid
         # Dropout's randomness is a function of (seed, step, rank): resuming replays it exactly.
         torch.manual_seed(step_seed(self.config.train.seed, self.step, grid.rank))
+        # A curriculum stage of seq_len / k tokens reads k times the rows: the same tokens.
+        seq_len = self.config.data.seq_len_at(self.step)
+        if seq_len not in self._train_sets:
+            self._train_sets[seq_len] = self.corpus.train.at_seq_len(seq_len)
+        rows_per_micro = ds["train_micro_batch_size_per_gpu"] * self.config.data.seq_len // seq_len
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         tokens = torch.zeros((), dtype=torch.float64, device=self.device)
         for micro_step in range(ds["gradient_accumulation_steps"]):
-            rows = self.corpus.train.batch_for(
+            rows = self._train_sets[seq_len].batch_for(
                 self.step,
                 micro_step,
                 grid.dp_rank,
                 grid.dims.data_parallel,
-                ds["train_micro_batch_size_per_gpu"],
+                rows_per_micro,
                 ds["gradient_accumulation_steps"],
             )
             loss, part_sum, part_tokens = self._loss(rows)
@@ -421,7 +454,7 @@ class Trainer:
                         * (self.step - last_log)
                         / (now - last_time),
                         "tokens": tokens_per_step * self.step,
-                        "seq_len": self.config.data.seq_len,
+                        "seq_len": self.config.data.seq_len_at(self.step - 1),
                         "dp": self.grid.dims.data_parallel,
                         "sp": self.grid.dims.sequence_parallel,
                     }

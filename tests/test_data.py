@@ -536,3 +536,30 @@ def test_loss_weights_weigh_each_label():
     assert torch.allclose(plain.loss, ones.loss, rtol=1e-6)
     with pytest.raises(ValueError, match="loss_weights must have the shape of tokens"):
         model(tokens, labels, loss_weights=torch.ones(2, 31))
+
+
+def test_curriculum_resumes_across_a_stage_change_like_an_uninterrupted_run(tmp_path):
+    """The trainer reads each stage's rows by step alone: a run stopped at step 3 and resumed
+    (through the stages 128 -> 256 -> 512, pass keys in half the rows) logs the losses of a run
+    that went through. Evaluating beyond the largest segment (512) warns once per process."""
+    from distributed_utils import STEPS, assert_same_curve, overrides, run_command, train_records
+
+    def train(output, steps):
+        extra = [
+            "data.seq_len_schedule=[[0, 128], [2, 256], [4, 512]]",
+            "data.passkey_fraction=0.5",
+            "deepspeed.scheduler.type=WarmupLR",  # the same rates however many steps are asked
+            "train.eval_interval=3",
+            "train.eval_seq_lens=[1024]",
+            f"train.steps={steps}",
+        ]
+        command = [sys.executable, "launch/train.py", "--config", "configs/tiny-cpu.yaml"]
+        return run_command(command + overrides(output, *extra)).stderr
+
+    whole = train(tmp_path / "whole", STEPS)
+    assert whole.count("warning: evaluating at [1024] tokens, beyond the model's largest") == 1
+    records = train_records(tmp_path / "whole")
+    assert [records[s]["seq_len"] for s in range(1, STEPS + 1)] == [128, 128, 256, 256, 512, 512]
+    train(tmp_path / "parts", 3)
+    assert "resuming after step 3" in train(tmp_path / "parts", STEPS)
+    assert_same_curve(tmp_path / "parts", tmp_path / "whole")
