@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -32,9 +33,12 @@ MARKERS = ("<!-- results: written by benchmarks/long_context.py -->", "<!-- end 
 
 def run(command: list[str], log: Path) -> float:
     """Runs command with output to log; its wall time. CalledProcessError when it fails."""
+    # One thread unless told otherwise: on a shared machine two threads per process spin against
+    # other jobs (measured: 2.5 s per step with 2 threads beside a benchmark, 0.34 s with 1).
+    env = {"OMP_NUM_THREADS": "1"} | dict(os.environ)
     start = time.perf_counter()
     with log.open("w") as out:
-        subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, check=True)
+        subprocess.run(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, check=True)
     return time.perf_counter() - start
 
 

@@ -3,6 +3,9 @@
     python launch/evaluate.py RUN_OR_MODEL_DIR --tasks perplexity,positions,copy,passkey \\
         --context-lengths 256,1024,4096 --output eval.json
 
+Under torchrun or deepspeed every rank holds a slice of each window (sequence parallelism, for
+contexts one process cannot hold): perplexity, positions and copy; passkey decodes in one process.
+
 RUN_OR_MODEL_DIR is a run folder (its latest complete checkpoint, its corpus) or an exported
 model folder (the corpus of --data-config, default the stdlib with the byte tokenizer). Windows
 are the first rows of the validation split (a random sample, the same for every model).
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import string
 import sys
 import time
@@ -35,9 +39,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from longnet import LongNetLM
+from longnet.distributed import check_layout, sequence_parallel_dilated_attention, shard_sequence
 from longnet.launch.config import load_config
 from longnet.launch.data import Corpus, DataConfig, load
 from longnet.launch.data.passkey import plant, random_key
@@ -66,12 +72,44 @@ def load_model(path: Path, data_config: Path | None) -> tuple[LongNetLM, DataCon
 
 @torch.no_grad()
 def token_losses(model: LongNetLM, tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """tokens (b, n + 1) -> the cross-entropy of each next token (b, n), float32."""
+    """tokens (b, n + 1) -> the cross-entropy of each next token (b, n), float32. Under
+    sequence parallelism (see sequence_parallel) each rank runs its slice of every window."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
     parts = []
     for chunk in tokens.split(batch_size):
-        logits = model(chunk[:, :-1]).logits.float()  # (b, n, V)
-        parts.append(F.cross_entropy(logits.transpose(1, 2), chunk[:, 1:], reduction="none"))
+        inputs, targets = chunk[:, :-1], chunk[:, 1:]
+        if world > 1:
+            inputs, targets = shard_sequence(inputs), shard_sequence(targets)
+        offset = dist.get_rank() * inputs.shape[1] if world > 1 else 0
+        logits = model(inputs, position_offset=offset).logits.float()  # (b, n / world, V)
+        losses = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+        if world > 1:
+            slices = [torch.empty_like(losses) for _ in range(world)]
+            dist.all_gather(slices, losses)
+            losses = torch.cat(slices, dim=1)  # (b, n)
+        parts.append(losses)
     return torch.cat(parts)
+
+
+def sequence_parallel(model: LongNetLM, tasks: list[str], contexts: list[int]) -> LongNetLM:
+    """Under torchrun or deepspeed (WORLD_SIZE > 1): a gloo group of every rank and the model
+    on sequence-parallel attention, each rank holding 1/world of each window; the contexts must
+    split (ValueError before any work). One process: the model as it is."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return model
+    if "passkey" in tasks:
+        raise ValueError("--tasks passkey decodes in one process: run it without a launcher")
+    config = model.config
+    for context in contexts:
+        try:
+            check_layout(config.segment_lengths, config.dilation_rates, context, world)
+        except ValueError as error:
+            raise ValueError(f"--context-lengths {context} cannot be split: {error}") from None
+    dist.init_process_group("gloo")
+    parallel = LongNetLM(config, attention_fn=sequence_parallel_dilated_attention)
+    parallel.load_state_dict(model.state_dict())
+    return parallel.eval()
 
 
 def windows(corpus: Corpus, length: int, count: int) -> torch.Tensor:
@@ -131,18 +169,18 @@ def copy_distances(longest: int) -> list[int]:
 
 def evaluate_copy(model, corpus, longest: int, count: int, batch_size: int, seed: int) -> list:
     """[{distance, loss}] of the second copy (from its third token), see the module notes."""
-    tokenizer, base = corpus.tokenizer, windows(corpus, longest, count)[:, :longest]
+    tokenizer, base = corpus.tokenizer, windows(corpus, longest, count)
     rng = np.random.default_rng([seed, 0xC0B1])
     results = []
     for distance in copy_distances(longest):
-        tokens = base.clone()  # (N, longest)
+        tokens = base.clone()  # (N, longest + 1): inputs and the last label
         for row in tokens:
             text = "".join(rng.choice(list(COPY_ALPHABET), COPY_LENGTH))
             ids = torch.tensor(tokenizer.encode(text))
-            second = longest - len(ids)
+            second = longest + 1 - len(ids)
             row[second:] = ids
             row[second - distance : second - distance + len(ids)] = ids
-        losses = token_losses(model, tokens, batch_size)  # (N, longest - 1)
+        losses = token_losses(model, tokens, batch_size)  # (N, longest)
         loss = losses[:, second + 1 :].double().mean().item()  # labels of copy tokens 3 .. m
         results.append({"distance": distance, "loss": loss})
     return results
@@ -248,6 +286,7 @@ def main(argv: list[str] | None = None) -> None:
             )
         tasks = args.tasks.split(",")
         model, data = load_model(args.model, args.data_config)
+        model = sequence_parallel(model, tasks, args.context_lengths)
         data.passkey_fraction, data.seq_len_schedule = 0.0, None
         corpus = load(data)
         results = evaluate(
@@ -262,6 +301,11 @@ def main(argv: list[str] | None = None) -> None:
         )
     except ValueError as error:
         sys.exit(f"error: {error}")
+    if dist.is_initialized():
+        rank = dist.get_rank()
+        dist.destroy_process_group()
+        if rank:
+            return
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=1) + "\n")
     stem = args.output.with_suffix("")

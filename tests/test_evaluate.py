@@ -10,7 +10,14 @@ import sys
 
 import pytest
 import torch
-from distributed_utils import ROOT, reference_run, session_dir
+from distributed_utils import (
+    ROOT,
+    python_command,
+    reference_run,
+    run_command,
+    session_dir,
+    torchrun_command,
+)
 
 from longnet import LongNetConfig, LongNetLM
 from longnet.launch.data import DataConfig, load
@@ -97,6 +104,33 @@ def test_perplexity_equals_the_trainers_evaluation(tmp_path):
     assert (tmp_path / "eval-perplexity.png").is_file() and (
         tmp_path / "eval-positions.png"
     ).is_file()
+
+
+def test_sequence_parallel_evaluation_equals_one_process(tmp_path):
+    """Two ranks each holding half of every window (torchrun) measure what one process does."""
+    run = reference_run("baseline")
+    args = [str(run), "--tasks", "perplexity,positions,copy", "--context-lengths", "256,512"]
+    args += ["--windows", "2"]
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    run_command(python_command("launch/evaluate.py", *args, "--output", str(one)))
+    launcher = ["--standalone", "--nproc_per_node", "2"]
+    run_command(torchrun_command(launcher, "launch/evaluate.py", *args, "--output", str(two)))
+    one, two = json.loads(one.read_text()), json.loads(two.read_text())
+    for context in ("256", "512"):
+        assert two["perplexity"][context]["loss"] == pytest.approx(
+            one["perplexity"][context]["loss"], abs=1e-5
+        )
+    for task in ("positions", "copy"):
+        assert [r["loss"] for r in two[task]] == pytest.approx(
+            [r["loss"] for r in one[task]], abs=1e-5
+        )
+    refused = subprocess.run(
+        torchrun_command(launcher, "launch/evaluate.py", *args[:1], "--tasks", "passkey"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode != 0 and "passkey decodes in one process" in refused.stderr
 
 
 def test_every_context_scores_the_same_targets(corpus):
