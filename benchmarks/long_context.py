@@ -6,7 +6,8 @@ Trains each configs/experiments/lc-<model>.yaml with the trainer (one process; a
 resumes, a finished one is kept), evaluates it with launch/evaluate.py at 256, 512 and 1024
 tokens, then writes benchmarks/long-context.json (every number), the comparison plots under
 docs/long-context/ and the results table between the markers of docs/long-context.md. A model
-whose training or evaluation failed is left out of the table and named in the JSON.
+whose training or evaluation failed is left out of the table and named in the JSON; models
+recorded by an earlier call and not named in --models stay.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from longnet.launch.metrics import read_metrics
 from longnet.launch.plot import plot_evaluation
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = ("dense", "longnet", "local", "dense-quarter", "longnet-r4")
+MODELS = ("dense", "longnet", "local", "dense-quarter", "longnet-r4", "longnet-shift")
 CONTEXTS = (256, 512, 1024)
 RESULTS = ROOT / "benchmarks" / "results" / "long-context"
 PAGE = ROOT / "docs" / "long-context.md"
@@ -103,12 +104,16 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [n for n in names if n not in MODELS]
     if unknown:
         sys.exit(f"error: --models: unknown {', '.join(unknown)}; models: {', '.join(MODELS)}")
-    results, failed = {}, {}
     record = ROOT / "benchmarks" / "long-context.json"
+    # Models measured by an earlier call stay in the table unless this call measures them again.
+    earlier = json.loads(record.read_text()) if record.is_file() else {"models": {}, "failed": {}}
+    results = {n: s for n, s in earlier["models"].items() if n not in names}
+    failed = {n: f for n, f in earlier["failed"].items() if n not in names}
     for name in names:
         print(f"{time.strftime('%H:%M:%S')} {name}", file=sys.stderr, flush=True)
         try:
             results[name] = train_and_evaluate(name, args.windows)
+            results = {n: results[n] for n in MODELS if n in results}  # the table's order
         except subprocess.CalledProcessError as error:
             failed[name] = f"{error.cmd[1]} exited with {error.returncode} (see {RESULTS / name})"
         # After each model: an interrupted experiment still leaves what it measured.
