@@ -101,22 +101,42 @@ def sparse_kv(k: torch.Tensor, v: torch.Tensor, plan: Plan) -> torch.Tensor:
     return torch.stack([x.flatten(1, 2)[:, index] for x in (k, v)])
 
 
+def reads(flags: torch.Tensor, causal: bool, count: int) -> torch.Tensor:
+    """(b*m, call heads, c): whether each query of a call reads a flagged key, from the flags
+    (b*m, call heads, s) of its keys in the call's order (causal: key j <= query j)."""
+    if causal:
+        return flags.cumsum(-1) > 0
+    return flags.any(-1, keepdim=True).expand(-1, -1, count)
+
+
 def forward(q, k, v, plan: Plan, *, scale: float, kernel: str, exchange: Exchange | None = None):
     """(out (b, n, h, d) in q's dtype, lse (b, n, h) in the accumulation dtype, received)."""
     acc = accumulation_dtype(q.dtype)
     pending = None
     if plan.exchanges:  # in flight while the local calls run
         pending = exchange(sparse_kv(k, v, plan), plan.send_counts, plan.recv_counts)
+    # NOTE: a causal kernel multiplies the zero weights of LATER keys by their values too, so a
+    # NaN value would reach queries that never read it; such values enter the kernels as 0 and
+    # their readers are marked NaN below (a host sync on CUDA, one per call of the layer).
+    nan_values = v.isnan().any(-1)  # (b, n, g)
+    nan_values = nan_values if bool(nan_values.any()) else None
+    nan_readers = (
+        None if nan_values is None else torch.zeros(q.shape[:3], dtype=torch.bool, device=q.device)
+    )
+    values = v if nan_values is None else v.masked_fill(v.isnan(), 0.0)
     out = lse = None
     for call in plan.local:
         call_out, call_lse = attention_forward(
             queries(call, q),
             own_keys(call, k),
-            own_keys(call, v),
+            own_keys(call, values),
             causal=call.causal,
             scale=scale,
             kernel=kernel,
         )
+        if nan_values is not None:
+            flags = own_keys(call, nan_values.unsqueeze(-1)).squeeze(-1)  # (b*m, heads, c)
+            mark(nan_readers, call, reads(flags, call.causal, flags.shape[-1]))
         if out is None:
             adopted = adopt(plan.spanning, (call_out, call_lse), (q.shape, q.shape[:3]), acc)
             if adopted is not None:
@@ -132,14 +152,21 @@ def forward(q, k, v, plan: Plan, *, scale: float, kernel: str, exchange: Exchang
         out = torch.zeros(q.shape, dtype=acc, device=q.device)
         lse = torch.full(q.shape[:3], -math.inf, dtype=acc, device=q.device)
     received = pending.wait() if pending is not None else None
+    if plan.remote and bool(received[1].isnan().any()):
+        nan_received = received[1].isnan().any(-1)  # (b, N_recv)
+        received = torch.stack([received[0], received[1].masked_fill(received[1].isnan(), 0.0)])
+        if nan_readers is None:
+            nan_readers = torch.zeros(q.shape[:3], dtype=torch.bool, device=q.device)
+    else:
+        nan_received = None
     for call in plan.remote:
+        keys, call_values = received_keys(call, received)
         call_out, call_lse = attention_forward(
-            queries(call, q),
-            *received_keys(call, received),
-            causal=False,
-            scale=scale,
-            kernel=kernel,
+            queries(call, q), keys, call_values, causal=False, scale=scale, kernel=kernel
         )
+        if nan_received is not None:
+            flags = nan_received[:, remote_index(call.remote, q.device)]  # (b, heads, s)
+            mark(nan_readers, call, reads(flags, False, call_out.shape[-2]))
         for block, part_out, part_lse in zip(
             call.blocks, split(call, call_out), split(call, call_lse), strict=True
         ):
@@ -147,9 +174,17 @@ def forward(q, k, v, plan: Plan, *, scale: float, kernel: str, exchange: Exchang
     # NOTE: torch's CPU flash kernel turns a query row with a NaN into a zero output with a
     # finite log-sum-exp; a NaN must reach exactly the outputs that read it, as in the math.
     poisoned = q.isnan().any(-1) & (lse != -math.inf)  # (b, n, h): kept queries only
+    if nan_readers is not None:
+        poisoned |= nan_readers
     out.masked_fill_(poisoned.unsqueeze(-1), math.nan)
     lse.masked_fill_(poisoned, math.nan)
     return out.to(q.dtype), lse, received
+
+
+def mark(total: torch.Tensor, call: Call, part: torch.Tensor) -> None:
+    """total (b, n, h) |= a call's (b*m, heads, c) flags."""
+    for block, block_part in zip(call.blocks, split(call, part), strict=True):
+        block.select(total).logical_or_(to_blocks(block, block_part, total.shape[0]))
 
 
 def backward(grad_out, q, k, v, out, lse, received, plan: Plan, *, scale, kernel, exchange=None):

@@ -366,3 +366,23 @@ def test_ranks_that_disagree_raise_on_every_rank(name):
         assert message is not None, f"rank {rank} raised nothing"
         assert "differ" in message and name in message, message
         assert total == 8 * 4 * DIM  # the agreed call afterwards: ones attend ones
+
+
+def run_nan(inputs, lengths, rates):
+    q, k, v = (shard_sequence(x) for x in inputs)
+    return sequence_parallel_dilated_attention(q, k, v, lengths, rates, causal=True)
+
+
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+def test_nan_reaches_the_same_outputs_as_on_one_device(which):
+    """A NaN planted on rank 1 reaches rank 2's queries through the exchange, and only the
+    queries that read it, as on one device."""
+    generator = torch.Generator().manual_seed(5)
+    q, k, v = (x.detach() for x in make_qkv(generator, 1, 4 * 8, 4, 2, DIM))
+    tensors = dict(q=q, k=k, v=v)
+    tensors[which][0, 9, 1, 3] = float("nan")
+    lengths, rates = [4, 16, 32], [1, 2, 3]
+    results = distributed_utils.run(run_nan, tuple(tensors.values()), lengths, rates)
+    expected = dilated_attention(*tensors.values(), lengths, rates, causal=True).isnan()
+    assert expected.any() and not expected.all()
+    assert torch.equal(torch.cat(results, dim=1).isnan(), expected)
