@@ -14,6 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 import numpy as np
 
 matplotlib.use("Agg")
@@ -105,6 +106,7 @@ def plot_evaluation(results: dict[str, dict], out: Path, prefix: str = "") -> li
         if not runs:
             continue
         figure, axes = plt.subplots(figsize=(7, 4))
+        xs, ys = set(), [0.0]
         for label, rows in runs.items():
             if task == "perplexity":
                 points = sorted((int(c), v[key]) for c, v in rows.items())
@@ -112,15 +114,19 @@ def plot_evaluation(results: dict[str, dict], out: Path, prefix: str = "") -> li
                 points = [(v["start" if task == "positions" else "distance"], v[key]) for v in rows]
             axes.plot(*zip(*points, strict=True), "o-", label=label)
             _label_points(axes, points, 3)
+            xs.update(x for x, _ in points)
+            ys += [y for _, y in points]
         if task == "copy":
-            axes.axhline(math.log(len(COPY_ALPHABET)), color="gray", ls="--", label="chance")
-        axes.set(
-            xscale="symlog" if task == "positions" else "log",
-            ylim=(0, None),
-            xlabel=xlabel,
-            ylabel=ylabel,
-            title=task,
-        )
+            chance = math.log(len(COPY_ALPHABET))
+            axes.axhline(chance, color="gray", ls="--", label="chance (ln 62)")
+            ys.append(chance)
+        if task == "positions":
+            axes.set_xscale("symlog", linthresh=64)
+        else:
+            axes.set_xscale("log")
+        axes.set_xticks(sorted(xs), [str(x) for x in sorted(xs)])
+        axes.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        axes.set(ylim=(0, 1.15 * max(ys)), xlabel=xlabel, ylabel=ylabel, title=task)
         axes.legend(fontsize=8)
         written.append(_save(figure, out / f"{prefix}{task}.png"))
     runs = {label: r["passkey"] for label, r in results.items() if "passkey" in r}
