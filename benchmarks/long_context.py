@@ -25,7 +25,15 @@ from longnet.launch.metrics import read_metrics
 from longnet.launch.plot import plot_evaluation
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = ("dense", "longnet", "local", "dense-quarter", "longnet-r4", "longnet-shift")
+MODELS = (
+    "dense",
+    "longnet",
+    "local",
+    "dense-quarter",
+    "longnet-r4",
+    "longnet-shift",
+    "longnet-long",
+)
 CONTEXTS = (256, 512, 1024)
 RESULTS = ROOT / "benchmarks" / "results" / "long-context"
 PAGE = ROOT / "docs" / "long-context.md"
