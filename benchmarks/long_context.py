@@ -37,6 +37,14 @@ MODELS = (
 CONTEXTS = (256, 512, 1024)
 RESULTS = ROOT / "benchmarks" / "results" / "long-context"
 PAGE = ROOT / "docs" / "long-context.md"
+# More evaluations of a trained model under other attention patterns (the same weights): the
+# dense model trained at 256 tokens, with full attention over 1024 (its trained w = 256 cuts
+# every longer window into blocks of 256, which says nothing about its extrapolation).
+VIEWS = {
+    "dense-quarter": {
+        "dense-quarter, full attention": ["--segment-lengths", "1024", "--dilation-rates", "1"]
+    }
+}
 MARKERS = ("<!-- results: written by benchmarks/long_context.py -->", "<!-- end of results -->")
 
 
@@ -51,13 +59,14 @@ def run(command: list[str], log: Path) -> float:
     return time.perf_counter() - start
 
 
-def train_and_evaluate(name: str, windows: int) -> dict:
+def train_and_evaluate(name: str, windows: int) -> dict[str, dict]:
+    """{label: summary} of the model and of its VIEWS."""
     config_file = ROOT / "configs" / "experiments" / f"lc-{name}.yaml"
     config = load_config(config_file)
     run_dir = ROOT / config.run.output_dir
     out = RESULTS / name
     out.mkdir(parents=True, exist_ok=True)
-    summary = {"config": str(config_file.relative_to(ROOT))}
+    summary = {"model": name, "config": str(config_file.relative_to(ROOT))}
     done = [r for r in read_metrics(run_dir) if r["step"] == config.train.steps]
     if not done:
         summary["train_seconds"] = run(
@@ -68,13 +77,17 @@ def train_and_evaluate(name: str, windows: int) -> dict:
     summary["tokens"] = train[-1]["tokens"]
     summary["final_train_loss"] = train[-1]["loss"]
     contexts = ",".join(str(c) for c in CONTEXTS)
-    summary["eval_seconds"] = run(
-        [sys.executable, "launch/evaluate.py", str(run_dir), "--context-lengths", contexts,
-         "--windows", str(windows), "--output", str(out / "eval.json")],
-        out / "eval.log",
-    )  # fmt: skip
-    summary["eval"] = json.loads((out / "eval.json").read_text())
-    return summary
+    summaries = {}
+    for index, (label, extra) in enumerate([(name, [])] + list(VIEWS.get(name, {}).items())):
+        output = out / ("eval.json" if index == 0 else f"eval-view{index}.json")
+        seconds = run(
+            [sys.executable, "launch/evaluate.py", str(run_dir), "--context-lengths", contexts,
+             "--windows", str(windows), "--output", str(output), *extra],
+            output.with_suffix(".log"),
+        )  # fmt: skip
+        evaluation = json.loads(output.read_text())
+        summaries[label] = summary | {"eval_seconds": seconds, "eval": evaluation, "args": extra}
+    return summaries
 
 
 def table(results: dict[str, dict]) -> str:
@@ -120,8 +133,9 @@ def main(argv: list[str] | None = None) -> None:
     for name in names:
         print(f"{time.strftime('%H:%M:%S')} {name}", file=sys.stderr, flush=True)
         try:
-            results[name] = train_and_evaluate(name, args.windows)
-            results = {n: results[n] for n in MODELS if n in results}  # the table's order
+            results |= train_and_evaluate(name, args.windows)
+            order = sorted(results, key=lambda n: MODELS.index(results[n].get("model", n)))
+            results = {n: results[n] for n in order}
         except subprocess.CalledProcessError as error:
             failed[name] = f"{error.cmd[1]} exited with {error.returncode} (see {RESULTS / name})"
         # After each model: an interrupted experiment still leaves what it measured.

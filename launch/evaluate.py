@@ -29,6 +29,7 @@ Writes the JSON and, next to it, PNG plots (launch/plot.py's plot_evaluation).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -107,9 +108,16 @@ def sequence_parallel(model: LongNetLM, tasks: list[str], contexts: list[int]) -
         except ValueError as error:
             raise ValueError(f"--context-lengths {context} cannot be split: {error}") from None
     dist.init_process_group("gloo")
-    parallel = LongNetLM(config, attention_fn=sequence_parallel_dilated_attention)
-    parallel.load_state_dict(model.state_dict())
-    return parallel.eval()
+    return rebuilt(model, attention_fn=sequence_parallel_dilated_attention)
+
+
+def rebuilt(model: LongNetLM, attention_fn=None, **patterns) -> LongNetLM:
+    """The same weights with another attention function or other attention patterns
+    (segment_lengths, dilation_rates: they hold no parameters), in eval mode."""
+    config = dataclasses.replace(model.config, **patterns)
+    other = LongNetLM(config, **({"attention_fn": attention_fn} if attention_fn else {}))
+    other.load_state_dict(model.state_dict())
+    return other.eval()
 
 
 def windows(corpus: Corpus, length: int, count: int) -> torch.Tensor:
@@ -276,6 +284,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--depths", default=",".join(map(str, DEPTHS)))
     parser.add_argument("--data-config", type=Path, help="a config YAML whose data section to use")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--segment-lengths",
+        type=_ints,
+        help="evaluate the weights with these segment lengths instead (e.g. a model trained at "
+        "256 with full attention at 1024: --segment-lengths 1024 --dilation-rates 1)",
+    )
+    parser.add_argument("--dilation-rates", type=_ints, help="with --segment-lengths")
     parser.add_argument("--output", type=Path, default=Path("eval.json"))
     args = parser.parse_args(argv)
     try:
@@ -286,6 +301,12 @@ def main(argv: list[str] | None = None) -> None:
             )
         tasks = args.tasks.split(",")
         model, data = load_model(args.model, args.data_config)
+        if args.segment_lengths or args.dilation_rates:
+            model = rebuilt(
+                model,
+                segment_lengths=tuple(args.segment_lengths or model.config.segment_lengths),
+                dilation_rates=tuple(args.dilation_rates or model.config.dilation_rates),
+            )
         model = sequence_parallel(model, tasks, args.context_lengths)
         data.passkey_fraction, data.seq_len_schedule = 0.0, None
         corpus = load(data)
