@@ -27,6 +27,7 @@ from longnet.launch.evaluate import (
     evaluate_copy,
     evaluate_passkey,
     position_buckets,
+    rebuilt,
 )
 from longnet.launch.metrics import read_metrics
 from longnet.model import LMOutput
@@ -163,6 +164,20 @@ def test_passkey_scores_a_known_answer(corpus):
     assert all(r["accuracy"] == 1.0 and r["digit_accuracy"] == 1.0 for r in right)
     wrong = evaluate_passkey(tiny(OffByOne), corpus, [128], depths, 4, 4, seed=0)
     assert all(r["accuracy"] == 0.0 and r["digit_accuracy"] == 0.8 for r in wrong)
+
+
+def test_other_patterns_keep_the_weights(corpus):
+    """Within one segment every pattern with r = 1 is full causal attention: a model rebuilt
+    with w = 1024 scores a 256-token window as the model trained with w = 256 does."""
+    trained = rebuilt(tiny(), segment_lengths=(256,), dilation_rates=(1,))
+    full = rebuilt(trained, segment_lengths=(1024,), dilation_rates=(1,))
+    assert full.config.segment_lengths == (1024,)
+    results = [evaluate(m, corpus, ["perplexity"], [256], 2, 2) for m in (trained, full)]
+    # Equal up to rounding: rotary angles are measured from the middle of a longer period.
+    assert results[0]["perplexity"]["256"]["loss"] == pytest.approx(
+        results[1]["perplexity"]["256"]["loss"], abs=1e-6
+    )
+    assert results[1]["model"]["segment_lengths"] == [1024]
 
 
 def test_position_buckets_double():
