@@ -33,6 +33,7 @@ MODELS = (
     "longnet-r4",
     "longnet-shift",
     "longnet-long",
+    "longnet-w256",
 )
 CONTEXTS = (256, 512, 1024)
 RESULTS = ROOT / "benchmarks" / "results" / "long-context"
