@@ -75,6 +75,8 @@ def train_and_evaluate(name: str, windows: int) -> dict[str, dict]:
         )
     train = [r for r in read_metrics(run_dir) if not r.get("eval")]
     summary["tokens_per_s"] = sum(r["tokens_per_s"] for r in train) / len(train)
+    last = [r["tokens_per_s"] for r in train if r["seq_len"] == config.data.seq_len]
+    summary["tokens_per_s_at_seq_len"] = sum(last) / len(last)  # the curriculum's last stage
     summary["tokens"] = train[-1]["tokens"]
     summary["final_train_loss"] = train[-1]["loss"]
     contexts = ",".join(str(c) for c in CONTEXTS)
@@ -94,7 +96,7 @@ def train_and_evaluate(name: str, windows: int) -> dict[str, dict]:
 def table(results: dict[str, dict]) -> str:
     """The markdown table: bits per byte per context, passkey exact match per context (mean over
     depths) and at the worst depth, copy loss at the farthest distance."""
-    header = ["model", "patterns (w / r)", "tokens/s"]
+    header = ["model", "patterns (w / r)", "train tokens/s (at its seq_len)"]
     header += [f"bpb @ {c}" for c in CONTEXTS] + [f"passkey @ {c} (worst depth)" for c in CONTEXTS]
     header += ["copy loss @ farthest"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -106,7 +108,8 @@ def table(results: dict[str, dict]) -> str:
                 e["model"]["segment_lengths"], e["model"]["dilation_rates"], strict=True
             )
         )
-        row = [name, patterns, f"{summary['tokens_per_s']:.0f}"]
+        speed = summary.get("tokens_per_s_at_seq_len")  # absent in records of older versions
+        row = [name, patterns, "-" if speed is None else f"{speed:.0f}"]
         row += [f"{e['perplexity'][str(c)]['bits_per_byte']:.4f}" for c in CONTEXTS]
         for c in CONTEXTS:
             cells = [p["accuracy"] for p in e["passkey"] if p["context"] == c]
