@@ -91,7 +91,8 @@ def _label_points(axes, points, digits: int = 4) -> None:
 def plot_evaluation(results: dict[str, dict], out: Path, prefix: str = "") -> list[Path]:
     """launch/evaluate.py's results, one line per model ({label: results}): perplexity.png,
     positions.png, copy.png (against the chance loss of a random copy) and passkey.png (a
-    heatmap per model, accuracy printed in each cell); y axes start at 0."""
+    heatmap per model, accuracy printed in each cell); y axes start at 0, and with up to three
+    models each point is labelled with its value."""
     from longnet.launch.evaluate import COPY_ALPHABET
 
     out.mkdir(parents=True, exist_ok=True)
@@ -113,7 +114,8 @@ def plot_evaluation(results: dict[str, dict], out: Path, prefix: str = "") -> li
             else:
                 points = [(v["start" if task == "positions" else "distance"], v[key]) for v in rows]
             axes.plot(*zip(*points, strict=True), "o-", label=label)
-            _label_points(axes, points, 3)
+            if len(runs) <= 3:  # more lines' labels would cover each other
+                _label_points(axes, points, 3)
             xs.update(x for x, _ in points)
             ys += [y for _, y in points]
         if task == "copy":
@@ -131,8 +133,14 @@ def plot_evaluation(results: dict[str, dict], out: Path, prefix: str = "") -> li
         written.append(_save(figure, out / f"{prefix}{task}.png"))
     runs = {label: r["passkey"] for label, r in results.items() if "passkey" in r}
     if runs:
-        figure, grid = plt.subplots(1, len(runs), figsize=(3.2 * len(runs) + 1, 3.4), squeeze=False)
-        for axes, (label, rows) in zip(grid[0], runs.items(), strict=True):
+        columns = min(len(runs), 4)
+        lines = math.ceil(len(runs) / columns)
+        figure, grid = plt.subplots(
+            lines, columns, figsize=(3.2 * columns + 1, 3.4 * lines), squeeze=False
+        )
+        for axes in grid.flat[len(runs) :]:
+            axes.set_axis_off()
+        for axes, (label, rows) in zip(grid.flat, runs.items(), strict=False):
             contexts = sorted({r["context"] for r in rows})
             depths = sorted({r["depth"] for r in rows})
             table = np.full((len(depths), len(contexts)), np.nan)
