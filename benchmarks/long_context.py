@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{time.strftime('%H:%M:%S')} {name}", file=sys.stderr, flush=True)
         try:
             results |= train_and_evaluate(name, args.windows)
-            order = sorted(results, key=lambda n: MODELS.index(results[n].get("model", n)))
+            model = {n: results[n].get("model", n) for n in results}
+            order = sorted(results, key=lambda n: (MODELS.index(model[n]), n != model[n]))
             results = {n: results[n] for n in order}
         except subprocess.CalledProcessError as error:
             failed[name] = f"{error.cmd[1]} exited with {error.returncode} (see {RESULTS / name})"

@@ -129,7 +129,11 @@ def plot_evaluation(results: dict[str, dict], out: Path, prefix: str = "") -> li
         axes.set_xticks(sorted(xs), [str(x) for x in sorted(xs)])
         axes.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         axes.set(ylim=(0, 1.15 * max(ys)), xlabel=xlabel, ylabel=ylabel, title=task)
-        axes.legend(fontsize=8)
+        if len(runs) <= 3:
+            axes.legend(fontsize=8)
+        else:  # beside the axes, where it hides no line
+            figure.set_size_inches(9.5, 4)
+            axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
         written.append(_save(figure, out / f"{prefix}{task}.png"))
     runs = {label: r["passkey"] for label, r in results.items() if "passkey" in r}
     if runs:
