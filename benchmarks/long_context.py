@@ -34,6 +34,8 @@ MODELS = (
     "longnet-shift",
     "longnet-long",
     "longnet-w256",
+    "longnet-h8",
+    "longnet-w256-long",
 )
 CONTEXTS = (256, 512, 1024)
 RESULTS = ROOT / "benchmarks" / "results" / "long-context"
