@@ -45,6 +45,7 @@ with torch.no_grad():
     logits = trainer.engine(load_file(sys.argv[2])["tokens"]).logits
 if torch.distributed.get_rank() == 0:
     save_file({"logits": logits.contiguous()}, sys.argv[3])
+torch.distributed.barrier()  # as the trainer ends: no rank tears down while another still works
 torch.distributed.destroy_process_group()
 """
 
