@@ -152,13 +152,14 @@ def forward(q, k, v, plan: Plan, *, scale: float, kernel: str, exchange: Exchang
         out = torch.zeros(q.shape, dtype=acc, device=q.device)
         lse = torch.full(q.shape[:3], -math.inf, dtype=acc, device=q.device)
     received = pending.wait() if pending is not None else None
-    if plan.remote and bool(received[1].isnan().any()):
-        nan_received = received[1].isnan().any(-1)  # (b, N_recv)
-        received = torch.stack([received[0], received[1].masked_fill(received[1].isnan(), 0.0)])
-        if nan_readers is None:
-            nan_readers = torch.zeros(q.shape[:3], dtype=torch.bool, device=q.device)
-    else:
-        nan_received = None
+    nan_received = None
+    if plan.remote:
+        nan_entries = received[1].isnan()  # (b, N_recv, d)
+        if bool(nan_entries.any()):
+            nan_received = nan_entries.any(-1)  # (b, N_recv)
+            received = torch.stack([received[0], received[1].masked_fill(nan_entries, 0.0)])
+            if nan_readers is None:
+                nan_readers = torch.zeros(q.shape[:3], dtype=torch.bool, device=q.device)
     for call in plan.remote:
         keys, call_values = received_keys(call, received)
         call_out, call_lse = attention_forward(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import hashlib
 import queue
 import shutil
 import socket
@@ -259,3 +260,12 @@ def assert_same_curve(run: Path, reference: Path) -> None:
         f"loss differs by {loss:.3g}, gradient norm by {norm:.3g} (relative)\n"
         f"{train_records(run)}\n{train_records(reference)}"
     )
+
+
+def file_digests(folder: Path) -> dict[str, str]:
+    """sha256 of every file under folder: a run or checkpoint left untouched keeps them all."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }

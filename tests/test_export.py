@@ -7,7 +7,6 @@ layout) on the same tokens.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 import torch
 from distributed_utils import (
     ROOT,
+    file_digests,
     python_command,
     reference_run,
     run_command,
@@ -100,14 +100,6 @@ def test_generate_reads_a_run_and_its_export_alike(tmp_path):
     assert from_run.stdout.startswith("def ")
 
 
-def _digests(folder: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
-
-
 @pytest.mark.parametrize(
     "source, out, extra, message",
     [
@@ -120,11 +112,11 @@ def _digests(folder: Path) -> dict[str, str]:
 def test_export_refuses_bad_input_and_leaves_the_run_intact(tmp_path, source, out, extra, message):
     run = reference_run("baseline")
     folders = {"run": run, "new": tmp_path / "out", "missing": tmp_path / "no-run"}
-    before = _digests(run)
+    before = file_digests(run)
     command = python_command("launch/export.py", str(folders[source]), str(folders[out]), *extra)
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
-    assert _digests(run) == before
+    assert file_digests(run) == before
     assert not (tmp_path / "out").exists()
 
 

@@ -8,7 +8,6 @@ nor on being interrupted and resumed (see distributed_utils.TOLERANCE).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -25,6 +24,7 @@ from distributed_utils import (
     ROOT,
     STEPS,
     assert_same_curve,
+    file_digests,
     free_port,
     overrides,
     python_command,
@@ -291,14 +291,6 @@ def test_step_seeds_do_not_depend_on_pythons_hash():
     assert len(seeds) == 24 and all(0 <= seed < 2**63 for seed in seeds)
 
 
-def _digests(folder: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
-
-
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -321,7 +313,7 @@ def test_bad_input_fails_cleanly_and_leaves_the_run_intact(tmp_path, baseline, e
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "doc.txt").write_text("")
-    before = _digests(baseline)
+    before = file_digests(baseline)
     extra = [item.format(empty=empty) for item in extra]
     # As the first of two ranks, so that the layout checks see a world of two; the other
     # cases fail before any process would wait for a second rank.
@@ -339,4 +331,4 @@ def test_bad_input_fails_cleanly_and_leaves_the_run_intact(tmp_path, baseline, e
     assert result.returncode == 2, result.stderr[-3000:]
     assert message in result.stderr, result.stderr[-3000:]
     assert "error:" in result.stderr
-    assert _digests(baseline) == before
+    assert file_digests(baseline) == before
