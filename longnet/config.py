@@ -80,6 +80,11 @@ class BlockConfig:
     # Layer i moves every head's offset to (head + i) mod r (docs/semantics.md): when heads < r
     # the layers together keep every position. False is the paper.
     shift_heads_by_layer: bool = False
+    # The content-selected pattern (longnet/selection.py): every query also attends the
+    # select_top_k blocks of select_block_size tokens of its causal past whose mean key scores
+    # highest against it, mixed with the dilated patterns by Eq. 10. 0 is the paper.
+    select_top_k: int = 0
+    select_block_size: int = 32
 
     def __post_init__(self):
         for name in ("d_model", "num_layers", "num_heads"):
@@ -102,6 +107,11 @@ class BlockConfig:
         patterns = check_patterns(self.segment_lengths, self.dilation_rates)
         self.segment_lengths = tuple(w for w, _ in patterns)
         self.dilation_rates = tuple(r for _, r in patterns)
+        if isinstance(self.select_top_k, bool) or not isinstance(self.select_top_k, int):
+            raise ValueError(f"select_top_k must be an int >= 0, got {self.select_top_k!r}")
+        if self.select_top_k < 0:
+            raise ValueError(f"select_top_k must be an int >= 0, got {self.select_top_k!r}")
+        self.select_block_size = positive_int("select_block_size", self.select_block_size)
         for name in ("qk_norm", "bias", "activation_checkpointing", "shift_heads_by_layer"):
             _bool(name, getattr(self, name))
         choice("activation", self.activation, ACTIVATIONS)
@@ -118,13 +128,14 @@ class BlockConfig:
         return self.d_model // self.num_heads
 
     @property
-    def position_period(self) -> int:
+    def position_period(self) -> int | None:
         """lcm of the segment lengths: every segment of every pattern lies inside one period.
 
         Tokens interact only inside a segment, so positional encodings may measure positions
-        within their period (see longnet.positions.relative_positions).
+        within their period (see longnet.positions.relative_positions). None with the
+        content-selected pattern, whose keys may lie anywhere before the query.
         """
-        return math.lcm(*self.segment_lengths)
+        return None if self.select_top_k else math.lcm(*self.segment_lengths)
 
 
 _PRESETS: dict[str, dict] = {
@@ -175,6 +186,12 @@ class LongNetConfig(BlockConfig):
             raise ValueError(
                 f"position={self.position!r} needs an even head_dim, got d_model / num_heads = "
                 f"{self.head_dim}"
+            )
+        if self.position == "xpos" and self.select_top_k:
+            raise ValueError(
+                "position='xpos' cannot go with select_top_k > 0: xPos scales grow without "
+                "bound over the unbounded distances the content-selected pattern reaches; use "
+                "position='rotary'"
             )
         if self.position == "xpos":
             exponent = xpos_max_exponent(self.position_period, self.xpos_scale_base)

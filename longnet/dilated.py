@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from longnet import engine
+from longnet import engine, selection
 from longnet.kernels import accumulation_dtype, resolve_backend
 from longnet.plan import make_plan
 
@@ -113,6 +113,19 @@ def check_head_shift(head_shift) -> int:
     return head_shift
 
 
+def check_selection(select_top_k, select_block_size, causal: bool) -> None:
+    """ValueError naming the value unless select_top_k is an int >= 0 (0: no content-selected
+    pattern) and, when it is on, select_block_size an int >= 1 and causal True."""
+    for name, value, low in (
+        ("select_top_k", select_top_k, 0),
+        ("select_block_size", select_block_size, 1),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if select_top_k and not causal:
+        raise ValueError("select_top_k > 0 (the content-selected pattern) needs causal=True")
+
+
 def check_arguments(
     q, k, v, segment_lengths, dilation_rates, causal, softmax_scale, backend, head_shift
 ):
@@ -138,10 +151,18 @@ def _attention_op(
     scale: float,
     kernel: str,
     head_shift: int,
+    select_top_k: int,
+    select_block_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     plan = _plan(q, k, segment_lengths, dilation_rates, causal, head_shift)
-    out, lse, _ = engine.forward(q, k, v, plan, scale=scale, kernel=kernel)
-    return out, lse
+    if not select_top_k:
+        out, lse, _ = engine.forward(q, k, v, plan, scale=scale, kernel=kernel)
+        return out, lse
+    acc = accumulation_dtype(q.dtype)
+    out, lse, _ = engine.forward(q, k, v, plan, scale=scale, kernel=kernel, out_dtype=acc)
+    chosen = selection.forward(q, k, v, select_block_size, select_top_k, scale, kernel)
+    out, lse = selection.mix(out, lse, *chosen)
+    return out.to(q.dtype), lse
 
 
 @torch.library.custom_op("longnet::dilated_attention_backward", mutates_args=())
@@ -158,9 +179,15 @@ def _attention_backward_op(
     scale: float,
     kernel: str,
     head_shift: int,
+    select_top_k: int,
+    select_block_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     plan = _plan(q, k, segment_lengths, dilation_rates, causal, head_shift)
-    return engine.backward(grad_out, q, k, v, out, lse, None, plan, scale=scale, kernel=kernel)
+    grads = engine.backward(grad_out, q, k, v, out, lse, None, plan, scale=scale, kernel=kernel)
+    if not select_top_k:
+        return grads
+    chosen = selection.backward(grad_out, q, k, v, out, lse, select_block_size, select_top_k, scale)
+    return tuple((a + b).to(a.dtype) for a, b in zip(grads, chosen, strict=True))
 
 
 def _plan(q, k, segment_lengths, dilation_rates, causal, head_shift):
@@ -169,7 +196,7 @@ def _plan(q, k, segment_lengths, dilation_rates, causal, head_shift):
 
 
 @_attention_op.register_fake
-def _(q, k, v, segment_lengths, dilation_rates, causal, scale, kernel, head_shift):
+def _(q, k, v, segment_lengths, dilation_rates, causal, scale, kernel, head_shift, *selection):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=accumulation_dtype(q.dtype))
 
 
@@ -203,6 +230,8 @@ def dilated_attention(
     softmax_scale: float | None = None,
     backend: str = "auto",
     head_shift: int = 0,
+    select_top_k: int = 0,
+    select_block_size: int = 32,
 ) -> torch.Tensor:
     """LongNet dilated attention, exactly as docs/semantics.md defines it.
 
@@ -212,10 +241,17 @@ def dilated_attention(
     position of each, at offset (head + head_shift) mod r (head_shift = 0 is the paper).
     Returns (b, n, h, d) in q's dtype. backend: "auto", "fused" (torch's fused kernels) or
     "math" (see kernels.py).
+
+    select_top_k > 0 adds the content-selected pattern (longnet/selection.py, causal only): each
+    query also attends the select_top_k complete blocks of select_block_size tokens before its
+    own block that score highest by q . mean(k of the block), mixed by Eq. 10 as one more pattern.
     """
     patterns, scale, kernel = check_arguments(
         q, k, v, segment_lengths, dilation_rates, causal, softmax_scale, backend, head_shift
     )
+    check_selection(select_top_k, select_block_size, causal)
     lengths, rates = (list(values) for values in zip(*patterns, strict=True))
-    out, _ = _attention_op(q, k, v, lengths, rates, causal, scale, kernel, head_shift)
+    out, _ = _attention_op(
+        q, k, v, lengths, rates, causal, scale, kernel, head_shift, select_top_k, select_block_size
+    )
     return out

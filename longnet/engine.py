@@ -109,8 +109,19 @@ def reads(flags: torch.Tensor, causal: bool, count: int) -> torch.Tensor:
     return flags.any(-1, keepdim=True).expand(-1, -1, count)
 
 
-def forward(q, k, v, plan: Plan, *, scale: float, kernel: str, exchange: Exchange | None = None):
-    """(out (b, n, h, d) in q's dtype, lse (b, n, h) in the accumulation dtype, received)."""
+def forward(
+    q,
+    k,
+    v,
+    plan: Plan,
+    *,
+    scale: float,
+    kernel: str,
+    exchange: Exchange | None = None,
+    out_dtype: torch.dtype | None = None,
+):
+    """(out (b, n, h, d) in out_dtype (default q's), lse (b, n, h) in the accumulation dtype,
+    received)."""
     acc = accumulation_dtype(q.dtype)
     pending = None
     if plan.exchanges:  # in flight while the local calls run
@@ -179,7 +190,7 @@ def forward(q, k, v, plan: Plan, *, scale: float, kernel: str, exchange: Exchang
         poisoned |= nan_readers
     out.masked_fill_(poisoned.unsqueeze(-1), math.nan)
     lse.masked_fill_(poisoned, math.nan)
-    return out.to(q.dtype), lse, received
+    return out.to(out_dtype or q.dtype), lse, received
 
 
 def mark(total: torch.Tensor, call: Call, part: torch.Tensor) -> None:

@@ -23,6 +23,7 @@ from einops import rearrange
 
 from longnet.kernels import accumulation_dtype
 from longnet.plan import keeps
+from longnet.selection import block_means, select_blocks
 
 
 class LayerCache:
@@ -95,18 +96,30 @@ def decode_attention(
     patterns: Sequence[tuple[int, int]],
     softmax_scale: float,
     head_shift: int = 0,
+    select_top_k: int = 0,
+    select_block_size: int = 32,
 ) -> torch.Tensor:
-    """Dilated causal attention of the last cached position: q (b, 1, h, d) -> (b, 1, h, dv)."""
+    """Dilated causal attention of the last cached position: q (b, 1, h, d) -> (b, 1, h, dv),
+    with the content-selected pattern when select_top_k > 0 (the cache then holds every key)."""
     position = cache.length - 1
-    first_key = min(position // w * w for w, _ in patterns)
+    first_key = 0 if select_top_k else min(position // w * w for w, _ in patterns)
     keys, values = cache.window(first_key)  # (b, s, g, .)
     heads, kv_heads = q.shape[2], keys.shape[2]
     counts = visible_counts(position, first_key, heads, patterns, head_shift, q.device)  # (h, s)
     dtype = accumulation_dtype(q.dtype)
+    if select_top_k and position >= select_block_size:
+        means = block_means(keys, select_block_size)  # (b, m, g, d)
+        at = torch.tensor([position], device=q.device)
+        index, valid = select_blocks(q.to(dtype), means, at, select_block_size, select_top_k)
+        index, valid = index[:, 0], valid[:, 0]  # (b, h, k)
+        blocks = torch.zeros(*index.shape[:2], means.shape[1] + 1, device=q.device)
+        blocks.scatter_(-1, torch.where(valid, index, means.shape[1]), 1.0)  # (b, h, m + 1)
+        chosen = blocks[..., :-1].repeat_interleave(select_block_size, dim=-1)  # (b, h, m*B)
+        counts = counts + torch.nn.functional.pad(chosen, (0, counts.shape[-1] - chosen.shape[-1]))
     queries = rearrange(q[:, 0], "b (g j) d -> b g j d", g=kv_heads).to(dtype)
     scores = torch.einsum("bgjd,bsgd->bgjs", queries, keys.to(dtype)) * softmax_scale
     scores = rearrange(scores, "b g j s -> b (g j) s") + counts.to(dtype).log()  # (b, h, s)
-    covered = counts.sum(-1, keepdim=True) > 0  # (h, 1): a head no pattern keeps outputs zero
+    covered = counts.sum(-1, keepdim=True) > 0  # ([b,] h, 1): a head no pattern keeps outputs 0
     probs = torch.softmax(scores.masked_fill(~covered, 0.0), dim=-1) * covered
     probs = rearrange(probs, "b (g j) s -> b g j s", g=kv_heads)
     out = torch.einsum("bgjs,bsgd->bgjd", probs, values.to(dtype))

@@ -175,30 +175,47 @@ def _run(op_name: str, arguments: dict):
     return getattr(_aten, op_name).default(**arguments)
 
 
-def attention_forward(q, k, v, *, causal: bool, scale: float, kernel: str):
-    """(out in q's dtype, lse in accumulation dtype) for one dense attention."""
+# The kernels that take an additive mask (b, h, n, s) (used by the content-selected pattern).
+MASKED_KERNELS = ("cpu_flash", "math")
+
+
+def attention_forward(q, k, v, *, causal: bool, scale: float, kernel: str, mask=None):
+    """(out in q's dtype, lse in accumulation dtype) for one dense attention; mask (b, h, n, s),
+    0 or -inf in q's dtype, is added to the scaled scores (MASKED_KERNELS only)."""
     if kernel != "math":
         q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)
         arguments = forward_arguments(kernel, q, k, v, causal=causal, scale=scale)
+        if mask is not None:
+            arguments["attn_mask"] = mask
         out, lse = _run(OPS[kernel][0], arguments)[:2]
         return out, lse.narrow(-1, 0, q.shape[-2])  # the efficient kernel pads its query axis
     scores = _math_scores(q, k, causal, scale)
+    if mask is not None:
+        scores = scores + mask.to(scores.dtype)
     lse = torch.logsumexp(scores, dim=-1)  # (b, h, n)
     out = torch.matmul(torch.exp(scores - lse.unsqueeze(-1)), v.to(scores.dtype))
     return out.to(q.dtype), lse
 
 
-def attention_backward(grad_out, q, k, v, out, lse, *, causal: bool, scale: float, kernel: str):
-    """(dq, dk, dv) of one dense attention, with the softmax taken from the given out and lse."""
+def attention_backward(
+    grad_out, q, k, v, out, lse, *, causal: bool, scale: float, kernel: str, mask=None
+):
+    """(dq, dk, dv) of one dense attention, with the softmax taken from the given out and lse
+    (and mask, as in attention_forward)."""
     if kernel != "math":
         grad_out, q, k, v, out = map(unit_stride, (grad_out, q, k, v, out))
         arguments = backward_arguments(
             kernel, grad_out, q, k, v, out, lse, causal=causal, scale=scale
         )
+        if mask is not None:
+            arguments["attn_mask"] = mask
         return tuple(_run(OPS[kernel][1], arguments)[:3])
     dtype = lse.dtype
     grad_out, out = grad_out.to(dtype), out.to(dtype)
-    probs = torch.exp(_math_scores(q, k, causal, scale) - lse.unsqueeze(-1))  # (b, h, n, s)
+    scores = _math_scores(q, k, causal, scale)
+    if mask is not None:
+        scores = scores + mask.to(dtype)
+    probs = torch.exp(scores - lse.unsqueeze(-1))  # (b, h, n, s)
     grad_v = torch.matmul(probs.transpose(-1, -2), grad_out)
     grad_probs = torch.matmul(grad_out, v.to(dtype).transpose(-1, -2))
     delta = (grad_out * out).sum(-1, keepdim=True)  # (b, h, n, 1)

@@ -8,7 +8,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from longnet.dilated import check_patterns, dilated_attention
+from longnet.dilated import check_patterns, check_selection, dilated_attention
 
 AttentionFn = Callable[..., torch.Tensor]
 
@@ -19,7 +19,8 @@ class DilatedAttention(nn.Module):
     Maps x (batch, seq, d_model) to (batch, seq, d_model). The pattern is either one segment
     length and dilation rate (`segment_size`, `dilation_rate`, the seed README's arguments) or the
     paper's mixture (`segment_lengths`, `dilation_rates` lists). Dropout applies to the attention
-    output, as the seed documents. head_shift moves every head's offset to (head + shift) mod r.
+    output, as the seed documents. head_shift moves every head's offset to (head + shift) mod r;
+    select_top_k > 0 adds the content-selected pattern (see dilated_attention).
     `attention_fn` replaces longnet.dilated_attention by anything with its signature, such as
     the sequence-parallel version.
     """
@@ -41,6 +42,8 @@ class DilatedAttention(nn.Module):
         softmax_scale: float | None = None,
         backend: str = "auto",
         head_shift: int = 0,
+        select_top_k: int = 0,
+        select_block_size: int = 32,
         attention_fn: AttentionFn = dilated_attention,
     ):
         super().__init__()
@@ -58,6 +61,8 @@ class DilatedAttention(nn.Module):
                 "give either segment_size/dilation_rate or segment_lengths/dilation_rates, not both"
             )
         self.patterns = check_patterns(segment_lengths, dilation_rates)
+        check_selection(select_top_k, select_block_size, causal)
+        self.select_top_k, self.select_block_size = select_top_k, select_block_size
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if num_heads < 1 or d_model % num_heads:
             raise ValueError(f"d_model ({d_model}) must be a multiple of num_heads ({num_heads})")
@@ -107,7 +112,14 @@ class DilatedAttention(nn.Module):
             backend=self.backend,
             # only when set, so that attention functions written before head_shift still work
             **({"head_shift": self.head_shift} if self.head_shift else {}),
+            **self.selection_arguments(),
         )
+
+    def selection_arguments(self) -> dict:
+        """The content-selected pattern's arguments, only when it is on (as for head_shift)."""
+        if not self.select_top_k:
+            return {}
+        return {"select_top_k": self.select_top_k, "select_block_size": self.select_block_size}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.out_proj.in_features:

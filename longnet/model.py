@@ -18,6 +18,7 @@ import contextlib
 import importlib
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +62,8 @@ class SelfAttention(DilatedAttention):
             softmax_scale=config.head_dim**-0.5,
             backend=config.backend,
             head_shift=layer if config.shift_heads_by_layer else 0,
+            select_top_k=config.select_top_k,
+            select_block_size=config.select_block_size,
             attention_fn=attention_fn,
         )
         self.positions = positions
@@ -73,7 +76,14 @@ class SelfAttention(DilatedAttention):
         q, k = self.positions.apply(q, k, encoding)
         if cache is not None and cache.length:  # one new token against the cache
             cache.append(k, v)
-            out = decode_attention(q, cache, self.patterns, self.softmax_scale, self.head_shift)
+            out = decode_attention(
+                q,
+                cache,
+                self.patterns,
+                self.softmax_scale,
+                self.head_shift,
+                **self.selection_arguments(),
+            )
         else:
             if cache is not None:  # prefill
                 cache.append(k, v)
@@ -236,6 +246,22 @@ def check_token_ids(tokens: torch.Tensor, vocab_size: int) -> None:
 # A saved model: the names huggingface_hub's PyTorchModelHubMixin uses, so Hub tools know them.
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+
+
+def _looks_local(path: str | Path) -> bool:
+    """Whether from_pretrained's `path` names a folder here rather than a Hub repository id
+    ("owner/name"): a Path, something that exists, a path's start (".", "/", "~"), more parts
+    than owner/name, or an owner that is a folder here (a mistyped "runs/my-export")."""
+    text = str(path)
+    parts = text.replace(os.sep, "/").split("/")
+    return (
+        isinstance(path, os.PathLike)
+        or os.path.exists(text)
+        or text.startswith((".", "/", "~"))
+        or len(parts) > 2
+        or "" in parts
+        or (len(parts) == 2 and os.path.isdir(parts[0]))
+    )
 
 
 def _hub_module(name: str):
@@ -422,7 +448,9 @@ class LongNetLM(nn.Module):
         """
         check_sampling(max_new_tokens, temperature, top_k)
         length = tokens.shape[1] + max_new_tokens
-        capacity = min(max(self.config.segment_lengths), length)
+        # The content-selected pattern may read any earlier key: it keeps the whole text.
+        longest = length if self.config.select_top_k else max(self.config.segment_lengths)
+        capacity = min(longest, length)
         cache = KVCache(len(self.blocks), capacity) if use_cache else None
         step = tokens
         for _ in range(max_new_tokens):
@@ -439,8 +467,12 @@ class LongNetLM(nn.Module):
         save_model = _hub_module("safetensors.torch").save_model
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-        save_model(self, str(directory / WEIGHTS_FILE))
+        # Each file written whole or not at all: an interrupted save leaves no truncated file.
+        weights, config = directory / f"{WEIGHTS_FILE}.tmp", directory / f"{CONFIG_FILE}.tmp"
+        save_model(self, str(weights))
+        config.write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        weights.replace(directory / WEIGHTS_FILE)
+        config.replace(directory / CONFIG_FILE)
         return directory
 
     @classmethod
@@ -453,9 +485,15 @@ class LongNetLM(nn.Module):
     ) -> LongNetLM:
         """The model saved by save_pretrained (or launch/export.py) in the folder `path`, or in
         the Hugging Face Hub repository `path` (at `revision`), on `device`, in eval mode.
-        Reads JSON and safetensors only: loading never runs code from the files."""
-        folder = Path(path)
+        Reads JSON and safetensors only: loading never runs code from the files.
+
+        FileNotFoundError when `path` looks local (see _looks_local) but is no folder, before
+        any Hub lookup; ValueError naming config.json or model.safetensors when unreadable."""
+        folder = Path(path).expanduser()
         if not folder.is_dir():
+            if _looks_local(path):
+                what = "is not a folder" if folder.exists() else "does not exist"
+                raise FileNotFoundError(f"{str(path)!r} {what}: no saved model there")
             hub = _hub_module("huggingface_hub")
             folder = Path(
                 hub.snapshot_download(
@@ -468,8 +506,15 @@ class LongNetLM(nn.Module):
                 f"{str(path)!r} is not a saved LongNet model: it lacks {', '.join(missing)} "
                 f"(write one with save_pretrained or launch/export.py)"
             )
-        load_model = _hub_module("safetensors.torch").load_model
-        config = LongNetConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text()))
+        safetensors = _hub_module("safetensors.torch")
+        try:
+            config = LongNetConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text()))
+        except (OSError, ValueError) as error:  # ValueError: not JSON, or not a LongNetConfig
+            raise ValueError(f"{folder / CONFIG_FILE} is unreadable: {error}") from None
         model = cls(config, attention_fn=attention_fn)
-        load_model(model, str(folder / WEIGHTS_FILE))
+        try:
+            safetensors.load_model(model, str(folder / WEIGHTS_FILE))
+        except (OSError, RuntimeError, _hub_module("safetensors").SafetensorError) as error:
+            # RuntimeError: weights of other names or shapes than the config's model
+            raise ValueError(f"{folder / WEIGHTS_FILE} is unreadable: {error}") from None
         return model.to(device).eval()

@@ -29,10 +29,11 @@ POSITIONS = ("xpos", "rotary", "alibi", "none")
 XPOS_GAMMA = 0.4  # Sun et al. 2022, section 3.2
 
 
-def relative_positions(start: int, length: int, period: int, device=None) -> torch.Tensor:
-    """(length,) int64: positions start .. start+length-1, from the middle of their period."""
+def relative_positions(start: int, length: int, period: int | None, device=None) -> torch.Tensor:
+    """(length,) int64: positions start .. start+length-1, from the middle of their period (as
+    they are when period is None: tokens at any distance interact)."""
     positions = torch.arange(start, start + length, device=device)
-    return positions % period - period // 2
+    return positions if period is None else positions % period - period // 2
 
 
 def xpos_max_exponent(period: int, scale_base: float) -> float:

@@ -36,10 +36,42 @@ def multiplicity(
     return counts
 
 
+def selected(q, k, block_size: int, top_k: int) -> torch.Tensor:
+    """(b, h, seq, seq) 1 where the content-selected pattern lets query i see key j: j lies in one
+    of the top_k complete blocks before i's block, ranked by q_i . mean(k of the block); float64
+    q (b, n, h, d) and k (b, n, h, d) (kv heads already repeated)."""
+    q, k = q.detach(), k.detach()  # the choice is piecewise constant: no gradient through it
+    batch, seq_len, heads, _ = q.shape
+    counts = torch.zeros(batch, heads, seq_len, seq_len, dtype=torch.float64)
+    for b in range(batch):
+        for head in range(heads):
+            for i in range(seq_len):
+                earlier = i // block_size  # complete blocks 0 .. earlier - 1
+                scores = [
+                    float(q[b, i, head] @ k[b, j * block_size : (j + 1) * block_size, head].mean(0))
+                    for j in range(earlier)
+                ]
+                best = sorted(range(earlier), key=lambda j: -scores[j])[:top_k]
+                for j in best:
+                    counts[b, head, i, j * block_size : (j + 1) * block_size] = 1
+    return counts
+
+
 def dense_dilated_attention(
-    q, k, v, segment_lengths, dilation_rates, *, causal=False, softmax_scale=None, head_shift=0
+    q,
+    k,
+    v,
+    segment_lengths,
+    dilation_rates,
+    *,
+    causal=False,
+    softmax_scale=None,
+    head_shift=0,
+    select_top_k=0,
+    select_block_size=None,
 ):
-    """q (b, n, h, d), k and v (b, n, g, d) -> (b, n, h, d) in float64."""
+    """q (b, n, h, d), k and v (b, n, g, d) -> (b, n, h, d) in float64; select_top_k > 0 adds
+    the content-selected pattern (causal only) as one more pattern."""
     q, k, v = q.double(), k.double(), v.double()
     batch, seq_len, heads, dim = q.shape
     group = heads // k.shape[2]
@@ -49,7 +81,9 @@ def dense_dilated_attention(
         seq_len, heads, segment_lengths, dilation_rates, causal=causal, head_shift=head_shift
     )
     counts = counts.to(q.device)
-    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale + counts.log()
+    if select_top_k:
+        counts = counts + selected(q, k, select_block_size, select_top_k).to(q.device)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale + counts.log()  # counts: (h|b h, q, k)
     # A query no pattern keeps has no key at all: its row is zero (and its gradient too).
     covered = (counts.sum(-1, keepdim=True) > 0).expand_as(scores)
     probs = torch.softmax(scores.masked_fill(~covered, 0.0), dim=-1) * covered

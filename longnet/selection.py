@@ -1,0 +1,231 @@
+"""The content-selected pattern: each query reads the top-k key blocks of its causal past.
+
+A pattern beside LongNet's dilated ones (a model option; docs/semantics.md), after MoBA and NSA:
+the sequence is cut into blocks of `block_size` tokens; a query at position p, in block p // B,
+scores every COMPLETE earlier block j < p // B by q . mean(k of block j) and attends, densely, the
+keys of its `top_k` best blocks (all of them while fewer exist). Its output and log-sum-exp mix
+with the dilated patterns' by Eq. 10, as one more pattern. The dilated patterns reach far keys at
+fixed positions; this one reaches them by content, so the long jump is the same circuit as a
+short one. Cost per query: the candidate blocks scored plus top_k * B keys attended, linear in n.
+
+The choice of blocks is piecewise constant in q and k, so the exact gradient flows through the
+attention on the chosen blocks only (almost everywhere: not at exact ties of two scores).
+
+Notation: b batch, n tokens, h query heads, g kv heads, d head dim, B block size, m = n // B
+complete blocks, k top_k (at most m), c queries in a chunk.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from longnet.kernels import (
+    MASKED_KERNELS,
+    accumulation_dtype,
+    attention_backward,
+    attention_forward,
+)
+
+# Most gathered key (or value) elements a chunk of queries holds at once: 64 MiB in float32.
+CHUNK_ELEMENTS = 1 << 24
+
+
+def block_means(k: torch.Tensor, block_size: int) -> torch.Tensor:
+    """(b, m, g, d) mean key of each complete block of k (b, n, g, d), in the accumulation dtype."""
+    m = k.shape[1] // block_size
+    blocks = k[:, : m * block_size].unflatten(1, (m, block_size))  # (b, m, B, g, d)
+    return blocks.to(accumulation_dtype(k.dtype)).mean(2)
+
+
+def select_blocks(
+    q: torch.Tensor, means: torch.Tensor, positions: torch.Tensor, block_size: int, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The blocks each query reads: index (b, c, h, k) into the m blocks, and whether each slot is
+    a real choice (b, c, h, k) (False where fewer than k blocks lie before the query's block).
+
+    q (b, c, h, d) at token positions (c,), means (b, m, g, d) from block_means.
+    """
+    heads, kv_heads, m = q.shape[2], means.shape[2], means.shape[1]
+    means = means.repeat_interleave(heads // kv_heads, dim=2)  # (b, m, h, d)
+    scores = torch.einsum("bchd,bmhd->bchm", q.to(means.dtype), means)  # (b, c, h, m)
+    own_block = positions // block_size  # (c,)
+    candidate = torch.arange(m, device=q.device) < own_block[:, None]  # (c, m)
+    scores = scores.masked_fill(~candidate[:, None], -math.inf)
+    index = scores.topk(min(top_k, m), dim=-1).indices  # (b, c, h, k)
+    return index, index < own_block[:, None, None]
+
+
+def _flat_index(index: torch.Tensor, kv_heads: int, m: int) -> torch.Tensor:
+    """(b*c*h*k,) rows of the (b*g*m, B*d) block table that index (b, c, h, k) names."""
+    batch, _, heads, _ = index.shape
+    kv_of_head = torch.arange(heads, device=index.device) // (heads // kv_heads)  # (h,)
+    batch_ids = torch.arange(batch, device=index.device)[:, None, None, None]
+    return ((batch_ids * kv_heads + kv_of_head[:, None]) * m + index).flatten()
+
+
+def _table(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """(b*g*m, B*d): x (b, n, g, d)'s complete blocks, one row per (batch, kv head, block)."""
+    batch, n, kv_heads, dim = x.shape
+    m = n // block_size
+    blocks = x[:, : m * block_size].unflatten(1, (m, block_size))  # (b, m, B, g, d)
+    return blocks.permute(0, 3, 1, 2, 4).reshape(batch * kv_heads * m, block_size * dim)
+
+
+def masks(n: int, block_size: int, top_k: int, kernel: str) -> bool:
+    """Whether queries read every complete earlier block through a mask on a fused kernel
+    (quadratic, but one fused call per chunk) rather than gathering their chosen blocks (linear,
+    but memory-bound): on CPU the mask is faster up to about 64 times the keys a query reads
+    (measured: 6.5x faster at n = 2048, k*B = 128; benchmarks/selection.py)."""
+    return kernel in MASKED_KERNELS and n <= 64 * top_k * block_size
+
+
+class _Chunk:
+    """The queries start .. end - 1 with the blocks they chose."""
+
+    def __init__(self, q, means, start, end, block_size, top_k):
+        self.start, self.end, self.block_size = start, end, block_size
+        self.q = q[:, start:end]  # (b, c, h, d)
+        positions = torch.arange(start, end, device=q.device)
+        self.index, self.valid = select_blocks(self.q, means, positions, block_size, top_k)
+        self.blocks = means.shape[1]
+
+    def mask(self, dtype) -> torch.Tensor:
+        """(b, h, c, S) 0 on the chosen blocks' keys, -inf elsewhere, over the S = blocks * B
+        keys of the complete blocks before the chunk's last query."""
+        blocks = min(self.blocks, (self.end - 1) // self.block_size)
+        index = torch.where(self.valid, self.index, self.blocks).transpose(1, 2)  # (b, h, c, k)
+        shape = (*index.shape[:3], self.blocks + 1)
+        per_block = torch.full(shape, -math.inf, dtype=dtype, device=index.device)
+        per_block.scatter_(-1, index, 0.0)
+        return per_block[..., :blocks].repeat_interleave(self.block_size, dim=-1)
+
+    def gather(self, table: torch.Tensor, kv_heads: int) -> torch.Tensor:
+        """(b, c, h, S, d) with S = k*B: each query's chosen blocks of its kv head, from the
+        block table (b*g*m, B*d)."""
+        rows = _flat_index(self.index, kv_heads, self.blocks)
+        shape = (*self.index.shape, self.block_size, table.shape[1] // self.block_size)
+        return table.index_select(0, rows).view(shape).flatten(3, 4)
+
+
+def _kernel_layout(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(b, h, s, d) view of x (b, s, g, d), each query head reading its kv head."""
+    x = x.transpose(1, 2)
+    return x.repeat_interleave(heads // x.shape[1], dim=1) if x.shape[1] != heads else x
+
+
+def _chunks(q: torch.Tensor, block_size: int, top_k: int, masked: bool):
+    """Query ranges from the second block on (the first chooses nothing) whose masks or
+    gathered keys stay within CHUNK_ELEMENTS."""
+    batch, n, heads, dim = q.shape
+    per_query = batch * heads * (n if masked else 2 * top_k * block_size * dim)
+    step = max(1, CHUNK_ELEMENTS // max(1, per_query))
+    return [(start, min(start + step, n)) for start in range(block_size, n, step)]
+
+
+def forward(q, k, v, block_size: int, top_k: int, scale: float, kernel: str = "math"):
+    """The pattern alone, causal: q (b, n, h, d), k and v (b, n, g, d) -> out (b, n, h, d) and
+    lse (b, n, h) in the accumulation dtype; lse is -inf (and out 0) for the queries of the first
+    block, which have no complete earlier block. kernel: longnet.kernels' name of the fused
+    kernel for the masked form."""
+    acc = accumulation_dtype(q.dtype)
+    out = torch.zeros(q.shape, dtype=acc, device=q.device)
+    lse = torch.full(q.shape[:3], -math.inf, dtype=acc, device=q.device)
+    means = block_means(k, block_size)
+    heads, kv_heads = q.shape[2], k.shape[2]
+    masked = masks(q.shape[1], block_size, top_k, kernel)
+    tables = None if masked else tuple(_table(x.to(acc), block_size) for x in (k, v))
+    for start, end in _chunks(q, block_size, top_k, masked):
+        chunk = _Chunk(q, means, start, end, block_size, top_k)
+        if masked:
+            mask = chunk.mask(q.dtype)
+            keys, values = (_kernel_layout(x[:, : mask.shape[-1]], heads) for x in (k, v))
+            part_out, part_lse = attention_forward(
+                chunk.q.transpose(1, 2), keys, values, causal=False, scale=scale,
+                kernel=kernel, mask=mask,
+            )  # fmt: skip
+            out[:, start:end] = part_out.transpose(1, 2)
+            lse[:, start:end] = part_lse.transpose(1, 2)
+            continue
+        keys, values = (chunk.gather(table, kv_heads) for table in tables)  # (b, c, h, S, d)
+        scores = torch.einsum("bchd,bchsd->bchs", chunk.q.to(acc), keys) * scale
+        scores = scores.masked_fill(~_allowed(chunk), -math.inf)
+        part_lse = torch.logsumexp(scores, dim=-1)  # (b, c, h): finite past the first block
+        out[:, start:end] = torch.einsum(
+            "bchs,bchsd->bchd", torch.exp(scores - part_lse.unsqueeze(-1)), values
+        )
+        lse[:, start:end] = part_lse
+    return out, lse
+
+
+def _allowed(chunk: _Chunk) -> torch.Tensor:
+    """(b, c, h, k*B): whether each gathered key belongs to a real choice."""
+    return chunk.valid.repeat_interleave(chunk.block_size, dim=-1)
+
+
+def backward(grad_out, q, k, v, out, lse, block_size: int, top_k: int, scale: float, kernel="math"):
+    """(dq, dk, dv) in the accumulation dtype of the pattern's part of the MIXED attention, from
+    the mixed out (b, n, h, d) and lse (b, n, h): the softmax over all patterns' keys."""
+    acc = accumulation_dtype(q.dtype)
+    grad_q = torch.zeros(q.shape, dtype=acc, device=q.device)
+    grad_k = torch.zeros(k.shape, dtype=acc, device=k.device)
+    grad_v = torch.zeros(v.shape, dtype=acc, device=v.device)
+    means = block_means(k, block_size)
+    (batch, n, heads, dim), kv_heads = q.shape, k.shape[2]
+    masked = masks(n, block_size, top_k, kernel)
+    if not masked:
+        tables = tuple(_table(x.to(acc), block_size) for x in (k, v))
+        grad_tables = tuple(torch.zeros_like(table) for table in tables)
+    for start, end in _chunks(q, block_size, top_k, masked):
+        chunk = _Chunk(q, means, start, end, block_size, top_k)
+        if masked:
+            mask = chunk.mask(q.dtype)
+            size = mask.shape[-1]
+            keys, values = (_kernel_layout(x[:, :size], heads) for x in (k, v))
+            dq, dk, dv = attention_backward(
+                *(x[:, start:end].transpose(1, 2) for x in (grad_out, q)), keys, values,
+                out[:, start:end].transpose(1, 2), lse[:, start:end].transpose(1, 2),
+                causal=False, scale=scale, kernel=kernel, mask=mask,
+            )  # fmt: skip
+            grad_q[:, start:end] = dq.transpose(1, 2)
+            for total, part in ((grad_k, dk), (grad_v, dv)):  # (b, h, S, d) -> kv heads
+                part = part.unflatten(1, (kv_heads, heads // kv_heads)).sum(2)
+                total[:, :size] += part.transpose(1, 2)
+            continue
+        keys, values = (chunk.gather(table, kv_heads) for table in tables)  # (b, c, h, S, d)
+        queries, d_out = chunk.q.to(acc), grad_out[:, start:end].to(acc)  # (b, c, h, d)
+        scores = torch.einsum("bchd,bchsd->bchs", queries, keys) * scale
+        scores = scores.masked_fill(~_allowed(chunk), -math.inf)
+        probs = torch.exp(scores - lse[:, start:end].to(acc).unsqueeze(-1))  # (b, c, h, S)
+        delta = (d_out * out[:, start:end].to(acc)).sum(-1, keepdim=True)  # (b, c, h, 1)
+        grad_probs = torch.einsum("bchd,bchsd->bchs", d_out, values)
+        grad_scores = probs * (grad_probs - delta) * scale
+        grad_q[:, start:end] = torch.einsum("bchs,bchsd->bchd", grad_scores, keys)
+        rows = _flat_index(chunk.index, kv_heads, chunk.blocks)
+        for table, weights, x in (
+            (grad_tables[0], grad_scores, queries),
+            (grad_tables[1], probs, d_out),
+        ):
+            part = torch.einsum("bchs,bchd->bchsd", weights, x)  # (b, c, h, k*B, d)
+            table.index_add_(0, rows, part.unflatten(3, (-1, block_size)).flatten(0, 3).flatten(1))
+    if not masked:
+        for total, table in zip((grad_k, grad_v), grad_tables, strict=True):
+            m = n // block_size
+            blocks = table.view(batch, kv_heads, m, block_size, dim).permute(0, 2, 3, 1, 4)
+            total[:, : m * block_size] = blocks.flatten(1, 2)
+    return grad_q, grad_k, grad_v
+
+
+def _finite(lse: torch.Tensor) -> torch.Tensor:
+    """lse with -inf replaced by 0, so that exp(x - lse) is 0, not NaN, on empty rows."""
+    return lse.masked_fill(lse == -math.inf, 0.0)
+
+
+def mix(out_a, lse_a, out_b, lse_b) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 10 for two groups of patterns: (out, lse) of their union; out (b, n, h, d), lse
+    (b, n, h); a row either group leaves empty (lse -inf) takes the other's result."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    base = _finite(lse)
+    weight_a, weight_b = torch.exp(lse_a - base), torch.exp(lse_b - base)
+    return out_a * weight_a.unsqueeze(-1) + out_b * weight_b.unsqueeze(-1), lse
