@@ -18,8 +18,15 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-from longnet import engine
-from longnet.dilated import check_arguments, check_flag, check_patterns, dilated_attention
+from longnet import engine, selection
+from longnet.dilated import (
+    check_arguments,
+    check_flag,
+    check_patterns,
+    check_selection,
+    dilated_attention,
+)
+from longnet.kernels import accumulation_dtype
 from longnet.plan import make_plan
 
 
@@ -99,30 +106,60 @@ class _AllToAll:
         return self.received.permute(1, 2, 0, 3)
 
 
+def _keys_before(k, v, group, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V (b, (rank + 1) * L, g, d) of every position up to this shard's end: what the
+    content-selected pattern's queries may choose from (an all_gather of the shards).
+
+    NOTE: this moves whole shards, O(n) bytes per rank; fetching only the chosen blocks from
+    their owners would bound it by top_k blocks per query (not built yet)."""
+    stacked = torch.stack([k, v]).contiguous()  # (2, b, L, g, d)
+    gathered = [torch.empty_like(stacked) for _ in range(world)]
+    dist.all_gather(gathered, stacked, group=group)
+    prefix = torch.cat(gathered[: rank + 1], dim=2)  # (2, b, (rank + 1) * L, g, d)
+    return prefix[0], prefix[1]
+
+
+def _return_to_owners(grads: torch.Tensor, group, rank: int, world: int) -> torch.Tensor:
+    """This shard's part of the gradients (2, b, (rank + 1) * L, g, d) every rank computed for
+    the keys before its end, summed over the ranks."""
+    shard_len = grads.shape[2] // (rank + 1)
+    total = torch.nn.functional.pad(grads, (0, 0, 0, 0, 0, (world - rank - 1) * shard_len))
+    dist.all_reduce(total, group=group)
+    return total[:, :, rank * shard_len : (rank + 1) * shard_len]
+
+
 class _SequenceParallelFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, plan, group, scale, kernel, overlap):
+    def forward(ctx, q, k, v, plan, group, scale, kernel, overlap, chosen_blocks):
         def exchange(x, send_counts, recv_counts):
             return _AllToAll(x, send_counts, recv_counts, group, overlap)
 
+        acc = accumulation_dtype(q.dtype) if chosen_blocks else None
         out, lse, received = engine.forward(
-            q, k, v, plan, scale=scale, kernel=kernel, exchange=exchange
+            q, k, v, plan, scale=scale, kernel=kernel, exchange=exchange, out_dtype=acc
         )
-        ctx.save_for_backward(q, k, v, out, lse, received)
-        ctx.plan, ctx.scale, ctx.kernel, ctx.exchange = plan, scale, kernel, exchange
         entry_bytes = 2 * q.shape[0] * q.shape[-1] * q.element_size()  # K and V of one entry
-        _record(
-            Communication(
-                forward_sent=sum(plan.send_counts) * entry_bytes,
-                forward_received=sum(plan.recv_counts) * entry_bytes,
-            )
-        )
+        sent, got = sum(plan.send_counts) * entry_bytes, sum(plan.recv_counts) * entry_bytes
+        keys = values = None
+        if chosen_blocks:
+            top_k, block_size, rank, world = chosen_blocks
+            keys, values = _keys_before(k, v, group, rank, world)
+            offset = rank * q.shape[1]
+            part = selection.forward(q, keys, values, block_size, top_k, scale, kernel, offset)
+            out, lse = selection.mix(out, lse, *part)
+            out = out.to(q.dtype)
+            shard_bytes = k.numel() * 2 * k.element_size()
+            sent, got = sent + (world - 1) * shard_bytes, got + (world - 1) * shard_bytes
+        ctx.save_for_backward(q, k, v, out, lse, received, keys, values)
+        ctx.plan, ctx.scale, ctx.kernel, ctx.exchange = plan, scale, kernel, exchange
+        ctx.group, ctx.chosen_blocks = group, chosen_blocks
+        _record(Communication(forward_sent=sent, forward_received=got))
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        q, k, v, out, lse, received = ctx.saved_tensors
+        q, k, v, out, lse, received, keys, values = ctx.saved_tensors
         plan = ctx.plan
         grads = engine.backward(
             grad_out,
@@ -138,14 +175,27 @@ class _SequenceParallelFunction(torch.autograd.Function):
             exchange=ctx.exchange,
         )
         entry_bytes = 2 * q.shape[0] * q.shape[-1] * lse.element_size()
-        _record(
-            dataclasses.replace(
-                _last_communication,
-                backward_sent=sum(plan.recv_counts) * entry_bytes,
-                backward_received=sum(plan.send_counts) * entry_bytes,
+        sent, got = sum(plan.recv_counts) * entry_bytes, sum(plan.send_counts) * entry_bytes
+        if ctx.chosen_blocks:
+            top_k, block_size, rank, world = ctx.chosen_blocks
+            offset = rank * q.shape[1]
+            grad_q, grad_keys, grad_values = selection.backward(
+                grad_out, q, keys, values, out, lse, block_size, top_k, ctx.scale, ctx.kernel,
+                offset,
+            )  # fmt: skip
+            grad_k, grad_v = _return_to_owners(
+                torch.stack([grad_keys, grad_values]), ctx.group, rank, world
             )
-        )
-        return *grads, None, None, None, None, None
+            grads = tuple(
+                (a + b).to(a.dtype) for a, b in zip(grads, (grad_q, grad_k, grad_v), strict=True)
+            )
+            all_reduced = 2 * grad_keys.numel() // (rank + 1) * world
+            sent, got = (
+                sent + all_reduced * lse.element_size(),
+                got + all_reduced * lse.element_size(),
+            )
+        _record(dataclasses.replace(_last_communication, backward_sent=sent, backward_received=got))
+        return *grads, None, None, None, None, None, None
 
 
 # Layouts every rank of a group agreed on: checked once each (one small collective).
@@ -244,6 +294,8 @@ def sequence_parallel_dilated_attention(
     backend: str = "auto",
     head_shift: int = 0,
     overlap: bool = True,
+    select_top_k: int = 0,
+    select_block_size: int = 32,
 ) -> torch.Tensor:
     """longnet.dilated_attention over a sequence split across the ranks of `group`.
 
@@ -254,17 +306,23 @@ def sequence_parallel_dilated_attention(
     the group must pass the same shapes and arguments: the first call with a new layout checks
     that with one small collective and raises ValueError on every rank otherwise. overlap=False
     waits for each exchange before computing (for measuring what overlap gains).
+    select_top_k > 0 adds the content-selected pattern, as in dilated_attention.
     """
     arguments = (q, k, v, segment_lengths, dilation_rates, causal, softmax_scale, backend)
     world, rank = _group_size_and_rank(group)
     if world > 1:
-        _check_ranks_agree(_describe(*arguments, head_shift), group, world)
+        description = _describe(*arguments, head_shift)
+        description["select_top_k, select_block_size"] = repr((select_top_k, select_block_size))
+        _check_ranks_agree(description, group, world)
     patterns, scale, kernel = check_arguments(*arguments, head_shift)
     check_flag("overlap", overlap)
+    check_selection(select_top_k, select_block_size, causal)
     shard_len, heads, kv_heads = q.shape[1], q.shape[2], k.shape[2]
     _effective_segment_lengths(patterns, shard_len, world)
     plan = make_plan(shard_len, heads, kv_heads, patterns, causal, head_shift, rank, world)
-    if not plan.exchanges:  # no segment spans ranks (also P = 1): one device's op on the shard
+    chosen_blocks = (select_top_k, select_block_size, rank, world) if select_top_k else None
+    if not plan.exchanges and (world == 1 or not chosen_blocks):
+        # no key comes from another rank (also P = 1): one device's op on the shard
         _record(Communication())
         return dilated_attention(
             q,
@@ -276,5 +334,9 @@ def sequence_parallel_dilated_attention(
             softmax_scale=softmax_scale,
             backend=backend,
             head_shift=head_shift,
+            select_top_k=select_top_k,
+            select_block_size=select_block_size,
         )
-    return _SequenceParallelFunction.apply(q, k, v, plan, group, scale, kernel, overlap)
+    return _SequenceParallelFunction.apply(
+        q, k, v, plan, group, scale, kernel, overlap, chosen_blocks
+    )

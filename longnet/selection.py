@@ -84,10 +84,10 @@ def masks(n: int, block_size: int, top_k: int, kernel: str) -> bool:
 class _Chunk:
     """The queries start .. end - 1 with the blocks they chose."""
 
-    def __init__(self, q, means, start, end, block_size, top_k):
-        self.start, self.end, self.block_size = start, end, block_size
+    def __init__(self, q, means, start, end, block_size, top_k, query_offset):
+        self.end, self.block_size = query_offset + end, block_size  # end: a token position
         self.q = q[:, start:end]  # (b, c, h, d)
-        positions = torch.arange(start, end, device=q.device)
+        positions = torch.arange(start, end, device=q.device) + query_offset
         self.index, self.valid = select_blocks(self.q, means, positions, block_size, top_k)
         self.blocks = means.shape[1]
 
@@ -115,29 +115,32 @@ def _kernel_layout(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.repeat_interleave(heads // x.shape[1], dim=1) if x.shape[1] != heads else x
 
 
-def _chunks(q: torch.Tensor, block_size: int, top_k: int, masked: bool):
-    """Query ranges from the second block on (the first chooses nothing) whose masks or
+def _chunks(q: torch.Tensor, keys: int, query_offset: int, block_size, top_k, masked: bool):
+    """Ranges of q's rows from the second block on (the first chooses nothing) whose masks or
     gathered keys stay within CHUNK_ELEMENTS."""
     batch, n, heads, dim = q.shape
-    per_query = batch * heads * (n if masked else 2 * top_k * block_size * dim)
+    per_query = batch * heads * (keys if masked else 2 * top_k * block_size * dim)
     step = max(1, CHUNK_ELEMENTS // max(1, per_query))
-    return [(start, min(start + step, n)) for start in range(block_size, n, step)]
+    first = max(0, block_size - query_offset)
+    return [(start, min(start + step, n)) for start in range(first, n, step)]
 
 
-def forward(q, k, v, block_size: int, top_k: int, scale: float, kernel: str = "math"):
-    """The pattern alone, causal: q (b, n, h, d), k and v (b, n, g, d) -> out (b, n, h, d) and
+def forward(q, k, v, block_size: int, top_k: int, scale: float, kernel="math", query_offset=0):
+    """The pattern alone, causal: q (b, n, h, d), k and v (b, s, g, d) -> out (b, n, h, d) and
     lse (b, n, h) in the accumulation dtype; lse is -inf (and out 0) for the queries of the first
-    block, which have no complete earlier block. kernel: longnet.kernels' name of the fused
-    kernel for the masked form."""
+    block, which have no complete earlier block. k and v hold the keys of positions 0 .. s - 1,
+    q the queries of positions query_offset .. query_offset + n - 1 (sequence parallelism:
+    the shard's queries against the keys up to its end). kernel: longnet.kernels' name of the
+    fused kernel for the masked form."""
     acc = accumulation_dtype(q.dtype)
     out = torch.zeros(q.shape, dtype=acc, device=q.device)
     lse = torch.full(q.shape[:3], -math.inf, dtype=acc, device=q.device)
     means = block_means(k, block_size)
     heads, kv_heads = q.shape[2], k.shape[2]
-    masked = masks(q.shape[1], block_size, top_k, kernel)
+    masked = masks(k.shape[1], block_size, top_k, kernel)
     tables = None if masked else tuple(_table(x.to(acc), block_size) for x in (k, v))
-    for start, end in _chunks(q, block_size, top_k, masked):
-        chunk = _Chunk(q, means, start, end, block_size, top_k)
+    for start, end in _chunks(q, k.shape[1], query_offset, block_size, top_k, masked):
+        chunk = _Chunk(q, means, start, end, block_size, top_k, query_offset)
         if masked:
             mask = chunk.mask(q.dtype)
             keys, values = (_kernel_layout(x[:, : mask.shape[-1]], heads) for x in (k, v))
@@ -164,7 +167,10 @@ def _allowed(chunk: _Chunk) -> torch.Tensor:
     return chunk.valid.repeat_interleave(chunk.block_size, dim=-1)
 
 
-def backward(grad_out, q, k, v, out, lse, block_size: int, top_k: int, scale: float, kernel="math"):
+def backward(
+    grad_out, q, k, v, out, lse, block_size: int, top_k: int, scale: float, kernel="math",
+    query_offset=0,
+):  # fmt: skip
     """(dq, dk, dv) in the accumulation dtype of the pattern's part of the MIXED attention, from
     the mixed out (b, n, h, d) and lse (b, n, h): the softmax over all patterns' keys."""
     acc = accumulation_dtype(q.dtype)
@@ -172,13 +178,13 @@ def backward(grad_out, q, k, v, out, lse, block_size: int, top_k: int, scale: fl
     grad_k = torch.zeros(k.shape, dtype=acc, device=k.device)
     grad_v = torch.zeros(v.shape, dtype=acc, device=v.device)
     means = block_means(k, block_size)
-    (batch, n, heads, dim), kv_heads = q.shape, k.shape[2]
+    (batch, n, kv_heads, dim), heads = k.shape, q.shape[2]
     masked = masks(n, block_size, top_k, kernel)
     if not masked:
         tables = tuple(_table(x.to(acc), block_size) for x in (k, v))
         grad_tables = tuple(torch.zeros_like(table) for table in tables)
-    for start, end in _chunks(q, block_size, top_k, masked):
-        chunk = _Chunk(q, means, start, end, block_size, top_k)
+    for start, end in _chunks(q, n, query_offset, block_size, top_k, masked):
+        chunk = _Chunk(q, means, start, end, block_size, top_k, query_offset)
         if masked:
             mask = chunk.mask(q.dtype)
             size = mask.shape[-1]

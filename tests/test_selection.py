@@ -1,0 +1,196 @@
+"""The content-selected pattern (longnet/selection.py): exact against the float64 reference
+(longnet.reference.selected, an independent loop over queries and blocks) on one device in both
+of its forms, under sequence parallelism on real gloo ranks, in cached decoding, and refused
+where it is not defined."""
+
+from __future__ import annotations
+
+import functools
+
+import distributed_utils
+import pytest
+import torch
+from conftest import TOLERANCE, make_qkv, max_error, outputs_and_grads, randn
+
+from longnet import LongNetConfig, LongNetLM, dilated_attention, selection
+from longnet.cost import pairs_per_token
+from longnet.distributed import sequence_parallel_dilated_attention, shard_sequence
+from longnet.reference import dense_dilated_attention, multiplicity, selected
+
+# (batch, seq, heads, kv_heads, dim, segment_lengths, dilation_rates, top_k, block_size)
+CASES = {
+    "local_plus_choice": (2, 64, 4, 4, 8, [16], [1], 2, 8),
+    "paper_patterns": (1, 64, 4, 2, 8, [8, 16, 32], [1, 2, 4], 3, 8),
+    "odd_length_and_block": (2, 53, 2, 1, 4, [8], [1], 3, 5),
+    "top_k_above_blocks": (1, 40, 3, 3, 6, [64], [4], 10, 7),
+    "shorter_than_a_block": (1, 9, 2, 2, 4, [4], [1], 2, 16),
+    "dilated_only_far": (1, 48, 4, 4, 8, [48], [6], 1, 4),
+}
+
+
+def run(case, form, dtype=torch.float64):
+    batch, n, heads, kv_heads, dim, lengths, rates, top_k, block = CASES[case]
+    generator = torch.Generator().manual_seed(len(case))
+    q, k, v = make_qkv(generator, batch, n, heads, kv_heads, dim, dtype=dtype)
+    grad_out = randn(generator, *q.shape, dtype=dtype)
+    choice = dict(select_top_k=top_k, select_block_size=block)
+    fn = functools.partial(
+        dilated_attention, segment_lengths=lengths, dilation_rates=rates, causal=True, **choice
+    )
+    reference = functools.partial(
+        dense_dilated_attention, segment_lengths=lengths, dilation_rates=rates, causal=True,
+        **choice,
+    )  # fmt: skip
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(selection, "masks", lambda *args: form == "masked")
+        actual = outputs_and_grads(fn, q, k, v, grad_out)
+    return actual, outputs_and_grads(reference, q, k, v, grad_out)
+
+
+@pytest.mark.parametrize("form", ["masked", "gathered"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_reference(case, form):
+    actual, expected = run(case, form)
+    for name, a, e in zip(("out", "dq", "dk", "dv"), actual, expected, strict=True):
+        assert max_error(a, e) <= TOLERANCE[torch.float64], name
+
+
+@pytest.mark.parametrize("form", ["masked", "gathered"])
+def test_float32_on_the_fused_kernel(form):
+    actual, expected = run("paper_patterns", form, dtype=torch.float32)
+    for name, a, e in zip(("out", "dq", "dk", "dv"), actual, expected, strict=True):
+        assert max_error(a, e) <= TOLERANCE[torch.float32], name
+
+
+def test_the_choice_changes_the_output():
+    """Not a no-op: the pattern changes what the local pattern alone gives."""
+    (out, *_), _ = run("local_plus_choice", "masked")
+    batch, n, heads, kv_heads, dim, lengths, rates, *_ = CASES["local_plus_choice"]
+    q, k, v = make_qkv(
+        torch.Generator().manual_seed(len("local_plus_choice")), batch, n, heads, kv_heads, dim
+    )
+    local = dilated_attention(q, k, v, lengths, rates, causal=True)
+    assert max_error(out, local.detach()) > 1e-3
+
+
+def test_reference_choice_is_by_content():
+    """A key block equal to the query's direction is chosen over the others."""
+    q = torch.zeros(1, 12, 1, 2, dtype=torch.float64)
+    k = torch.zeros(1, 12, 1, 2, dtype=torch.float64)
+    q[0, 11, 0] = torch.tensor([1.0, 0.0])
+    k[0, 4:8, 0] = torch.tensor([5.0, 0.0])  # block 1 of 4 tokens
+    chosen = selection.select_blocks(
+        q[:, 11:], selection.block_means(k, 4), torch.tensor([11]), 4, 1
+    )
+    assert chosen[0].flatten().tolist() == [1]
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (dict(select_top_k=-1), "select_top_k must be an int >= 0, got -1"),
+        (dict(select_top_k=2, select_block_size=0), "select_block_size must be an int >= 1, got 0"),
+        (dict(select_top_k=True), "select_top_k must be an int >= 0, got True"),
+        (dict(select_top_k=2, causal=False), "needs causal=True"),
+    ],
+)
+def test_bad_arguments(arguments, message):
+    q = torch.zeros(1, 8, 2, 4)
+    arguments = {"causal": True} | arguments
+    with pytest.raises(ValueError, match=message):
+        dilated_attention(q, q, q, [4], [1], **arguments)
+
+
+def test_config_refuses_xpos():
+    with pytest.raises(ValueError, match="xpos"):
+        LongNetConfig.preset("longnet-tiny", position="xpos", select_top_k=2)
+
+
+def tiny_model(**overrides):
+    torch.manual_seed(0)
+    config = LongNetConfig.preset(
+        "longnet-tiny", position="rotary", segment_lengths=(16, 32), dilation_rates=(1, 2),
+        select_top_k=2, select_block_size=8, **overrides,
+    )  # fmt: skip
+    return LongNetLM(config).eval()
+
+
+def test_cached_decoding_equals_recompute():
+    model = tiny_model()
+    prompt = torch.randint(0, 264, (2, 30), generator=torch.Generator().manual_seed(0))
+    cached = model.generate(prompt, 50, top_k=1)
+    assert torch.equal(cached, model.generate(prompt, 50, top_k=1, use_cache=False))
+
+
+def test_positions_are_not_wrapped():
+    """Keys at any distance interact: the period that bounds positions for the dilated
+    patterns must not fold distances beyond it."""
+    assert tiny_model().config.position_period is None
+
+
+def run_sequence_parallel(size, inputs, lengths, rates, top_k, block):
+    group = (
+        None if size == distributed_utils.WORLD_SIZE else distributed_utils.consecutive_group(size)
+    )
+    if size != distributed_utils.WORLD_SIZE and group is None:
+        return None
+    q, k, v, grad_out = (shard_sequence(x, group) for x in inputs)
+    q, k, v = (x.clone().requires_grad_() for x in (q, k, v))
+    out = sequence_parallel_dilated_attention(
+        q, k, v, lengths, rates, group=group, causal=True, select_top_k=top_k,
+        select_block_size=block,
+    )  # fmt: skip
+    out.backward(grad_out)
+    return torch.distributed.get_rank(group), (out.detach(), q.grad, k.grad, v.grad)
+
+
+@pytest.mark.parametrize("size", [2, 4])
+@pytest.mark.parametrize(
+    "lengths, rates, top_k, block",
+    [([8], [1], 2, 4), ([8, 16, 32], [1, 2, 4], 3, 8), ([32], [4], 1, 8)],
+    ids=["local", "spanning_patterns", "blocks_across_ranks"],
+)
+def test_sequence_parallel_equals_one_device(size, lengths, rates, top_k, block):
+    generator = torch.Generator().manual_seed(size)
+    q, k, v = make_qkv(generator, 2, 32, 4, 2, 8)
+    grad_out = randn(generator, *q.shape)
+    inputs = tuple(x.detach() for x in (q, k, v, grad_out))
+    results = distributed_utils.run(
+        run_sequence_parallel, size, inputs, lengths, rates, top_k, block
+    )
+    fn = functools.partial(
+        dilated_attention, segment_lengths=lengths, dilation_rates=rates, causal=True,
+        select_top_k=top_k, select_block_size=block,
+    )  # fmt: skip
+    expected = outputs_and_grads(fn, q, k, v, grad_out)
+    members = [r for r in results if r is not None]  # groups of consecutive workers
+    for first in range(0, len(members), size):
+        shards = members[first : first + size]
+        assert [rank for rank, _ in shards] == list(range(size))
+        actual = [torch.cat(parts, dim=1) for parts in zip(*(s[1] for s in shards), strict=True)]
+        for name, a, e in zip(("out", "dq", "dk", "dv"), actual, expected, strict=True):
+            assert max_error(a, e) <= TOLERANCE[torch.float64], name
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize(
+    "n, lengths, rates, shift", [(37, [8, 16, 64], [1, 3, 4], 0), (64, [16, 32], [2, 8], 1)]
+)
+def test_pairs_count_what_the_reference_lets_through(n, lengths, rates, shift, causal):
+    """Dilated pairs: the sum of the reference's multiplicities (each pattern computes its own)."""
+    heads = 4
+    counts = multiplicity(n, heads, lengths, rates, causal=causal, head_shift=shift)
+    expected = counts.sum().item() / (heads * n)
+    assert pairs_per_token(n, heads, lengths, rates, causal=causal, head_shift=shift) == expected
+
+
+def test_selected_pairs_and_the_issue_figures():
+    n, heads, top_k, block = 45, 2, 3, 4
+    q = torch.randn(1, n, heads, 4, dtype=torch.float64)
+    attended = selected(q, q, block, top_k).sum().item()
+    scored = heads * sum(min(p // block, n // block) for p in range(n))
+    total = pairs_per_token(n, heads, [1], [1], select_top_k=top_k, select_block_size=block)
+    assert total == 1 + (attended + scored) / (heads * n)  # [1], [1]: each token itself
+    assert pairs_per_token(8192, 4, [8192], [1]) == 4096.5  # dense causal
+    paper = pairs_per_token(8192, 4, [256, 512, 1024, 2048, 4096, 8192], [1, 2, 4, 8, 16, 32])
+    assert 250 < paper < 255
