@@ -157,13 +157,26 @@ def test_a_model_built_to_copy_gets_near_zero_copy_loss(corpus):
 
 def test_passkey_scores_a_known_answer(corpus):
     depths = [0.0, 0.5, 1.0]
-    right = evaluate_passkey(tiny(InductionOracle), corpus, [128, 256], depths, 4, 4, seed=0)
+    right, records = evaluate_passkey(
+        tiny(InductionOracle), corpus, [128, 256], depths, 4, 4, seed=0
+    )
     assert [(r["context"], r["depth"]) for r in right] == [
         (c, d) for c in (128, 256) for d in depths
     ]
     assert all(r["accuracy"] == 1.0 and r["digit_accuracy"] == 1.0 for r in right)
-    wrong = evaluate_passkey(tiny(OffByOne), corpus, [128], depths, 4, 4, seed=0)
+    wrong, wrong_records = evaluate_passkey(tiny(OffByOne), corpus, [128], depths, 4, 4, seed=0)
     assert all(r["accuracy"] == 0.0 and r["digit_accuracy"] == 0.8 for r in wrong)
+    # One record per window: where the key and the question are, what was decoded.
+    assert len(records) == 2 * 3 * 4 and len(wrong_records) == 3 * 4
+    for record in records:
+        assert record["exact"] and record["predicted"] == record["key"]
+        assert record["key_position"] < record["question_position"] < record["answer_position"]
+        assert record["answer_position"] == record["context"] - 5 + 1  # 5 digits, n + 1 tokens
+    assert [r["key_position"] for r in records if r["depth"] == 0.0][0] == len(
+        "\n# the pass key is "
+    )
+    assert not any(r["exact"] for r in wrong_records)
+    assert all(r["predicted"][:4] == r["key"][:4] for r in wrong_records)
 
 
 def test_other_patterns_keep_the_weights(corpus):
