@@ -47,7 +47,7 @@ from longnet import LongNetLM
 from longnet.distributed import check_layout, sequence_parallel_dilated_attention, shard_sequence
 from longnet.launch.config import load_config
 from longnet.launch.data import Corpus, DataConfig, load
-from longnet.launch.data.passkey import plant, random_key
+from longnet.launch.data.passkey import KEY, QUESTION, plant, random_key
 from longnet.launch.generate import load_run
 from longnet.launch.plot import plot_evaluation
 from longnet.model import CONFIG_FILE
@@ -195,19 +195,24 @@ def evaluate_copy(model, corpus, longest: int, count: int, batch_size: int, seed
 
 
 @torch.no_grad()
-def evaluate_passkey(model, corpus, contexts, depths, count, batch_size, seed) -> list:
-    """[{context, depth, accuracy, digit_accuracy}]: greedy decoding through the cache."""
-    results = []
+def evaluate_passkey(model, corpus, contexts, depths, count, batch_size, seed) -> tuple[list, list]:
+    """([{context, depth, accuracy, digit_accuracy}], one record per window): greedy decoding
+    through the cache. A window's record: context, depth, key_position (first token of the
+    key's digits), question_position (first token of the question), answer_position (first
+    answer token), key, predicted (the decoded tokens as text), exact."""
+    results, records = [], []
     for context in sorted(contexts):
         base = windows(corpus, context, count)  # (N, context + 1)
         for depth in depths:
             rng = np.random.default_rng([seed, context, round(depth * 1000)])
-            prompts, answers = [], []
+            prompts, answers, keys, starts = [], [], [], []
             for row in base.numpy():
                 key = random_key(rng)
                 planted, start = plant(row, corpus.tokenizer, key, depth)
                 prompts.append(planted[:start])
                 answers.append(planted[start:])
+                keys.append(key)
+                starts.append(key_digits_position(planted, corpus.tokenizer, key))
             prompts, answers = torch.tensor(np.stack(prompts)), torch.tensor(np.stack(answers))
             decoded = torch.cat(
                 [
@@ -224,7 +229,31 @@ def evaluate_passkey(model, corpus, contexts, depths, count, batch_size, seed) -
                     "digit_accuracy": right.double().mean().item(),
                 }
             )
-    return results
+            question = len(corpus.tokenizer.encode(QUESTION))
+            for i in range(len(keys)):
+                records.append(
+                    {
+                        "context": context,
+                        "depth": depth,
+                        "key_position": starts[i],
+                        "question_position": prompts.shape[1] - question,
+                        "answer_position": prompts.shape[1],
+                        "key": keys[i],
+                        "predicted": corpus.tokenizer.decode(decoded[i].tolist()),
+                        "exact": bool(right[i].all()),
+                    }
+                )
+    return results, records
+
+
+def key_digits_position(planted: np.ndarray, tokenizer, key: str) -> int:
+    """The position of the first digit of the key planted in a window."""
+    digits = tokenizer.encode(KEY.format(key))
+    prefix = len(tokenizer.encode(KEY.split("{}")[0]))
+    for start in range(len(planted) - len(digits) + 1):
+        if planted[start : start + len(digits)].tolist() == digits:
+            return start + prefix
+    raise ValueError(f"key {key} not found in its window")
 
 
 def evaluate(model, corpus, tasks, contexts, count, batch_size, seed=0, depths=DEPTHS) -> dict:
@@ -258,7 +287,7 @@ def evaluate(model, corpus, tasks, contexts, count, batch_size, seed=0, depths=D
     if "copy" in tasks:
         results["copy"] = evaluate_copy(model, corpus, max(contexts), count, batch_size, seed)
     if "passkey" in tasks:
-        results["passkey"] = evaluate_passkey(
+        results["passkey"], results["passkey_windows"] = evaluate_passkey(
             model, corpus, contexts, depths, count, batch_size, seed
         )
     results["seconds"] = time.perf_counter() - start
