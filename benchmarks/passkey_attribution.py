@@ -1,0 +1,190 @@
+"""Which layers, heads and patterns carry a pass key to the answer (docs/long-context.md).
+
+    python benchmarks/passkey_attribution.py RUN_OR_MODEL_DIR --context 1024 [--windows 40]
+        [--eval eval.json] [--output attribution.json]
+
+For each window of the pass-key task (the prompts launch/evaluate.py builds, same seed), the
+query at the last prompt position (the one that predicts the first digit) attends, in every
+layer and head, under each pattern of Eq. 10; this script measures the MIXED attention mass it
+puts on the key's five digits through each pattern: a_i * (pattern i's softmax mass on the
+digits), a_i = the pattern's share of the mixture (exp(lse_i - lse)). Computed from the q and
+k the model really produced (captured through its attention function), in float64.
+
+It also reads eval.json's per-window records (launch/evaluate.py) and reports the accuracy by
+(answer query position - key digit position) mod r of the model's widest pattern: whether the
+answer query and the key share a head's offset class in the one pattern that reaches them.
+
+Output: JSON with `by_residue` and `mass` ({layer, head, pattern, mass_exact, mass_failed}:
+mean mass over the windows decoded exactly and over the others; without --eval every window
+counts as failed), and a printed summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from longnet import dilated_attention
+from longnet.launch.data import load
+from longnet.launch.data.passkey import plant, random_key
+from longnet.launch.evaluate import (
+    DEPTHS,
+    key_digits_position,
+    load_model,
+    rebuilt,
+    windows,
+)
+from longnet.reference import multiplicity, selected
+
+DIGITS = 5
+
+
+def by_residue(records: list[dict], context: int, rate: int) -> dict[int, dict]:
+    """{(answer query - key digit) mod rate: {windows, exact}} over eval.json's records."""
+    table: dict[int, dict] = {}
+    for record in records:
+        if record["context"] != context:
+            continue
+        query = record["answer_position"] - 1  # predicts the first digit
+        residue = (query - record["key_position"]) % rate
+        cell = table.setdefault(residue, {"windows": 0, "exact": 0})
+        cell["windows"] += 1
+        cell["exact"] += record["exact"]
+    return dict(sorted(table.items()))
+
+
+def pattern_masses(q, k, query: int, keys: list[int], config) -> torch.Tensor:
+    """(h, patterns) mixed attention mass of position `query` on positions `keys`; q (n, h, d),
+    k (n, h, d) in float64 (kv heads repeated), the patterns of config (the content-selected
+    one last when on)."""
+    n, heads, dim = q.shape
+    scores = torch.einsum("hd,nhd->hn", q[query], k[: query + 1]) / math.sqrt(config.head_dim)
+    masks = [
+        multiplicity(query + 1, heads, [w], [r], causal=True)[:, query] > 0
+        for w, r in zip(config.segment_lengths, config.dilation_rates, strict=True)
+    ]  # (h, query + 1) each
+    if config.select_top_k:
+        chosen = selected(
+            q[None, : query + 1], k[None, : query + 1], config.select_block_size,
+            config.select_top_k,
+        )  # fmt: skip
+        masks.append(chosen[0, :, query] > 0)
+    lse = torch.stack([torch.logsumexp(scores.masked_fill(~m, -math.inf), -1) for m in masks], -1)
+    total = torch.logsumexp(lse, -1, keepdim=True)  # (h, 1)
+    masses = []
+    for i, mask in enumerate(masks):
+        probs = torch.exp(scores.masked_fill(~mask, -math.inf) - lse[:, i : i + 1])
+        share = torch.exp(lse[:, i] - total[:, 0]).nan_to_num(0.0)
+        masses.append(share * probs[:, keys].nan_to_num(0.0).sum(-1))
+    return torch.stack(masses, -1)
+
+
+def capture(model):
+    """The model rebuilt with an attention function that records each layer's q and k."""
+    captured = []
+
+    def attention(q, k, v, *args, **kwargs):
+        captured.append((q.detach(), k.detach()))
+        return dilated_attention(q, k, v, *args, **kwargs)
+
+    return rebuilt(model, attention_fn=attention), captured
+
+
+@torch.no_grad()
+def masses(model, corpus, context: int, count: int, seed: int, exact: dict) -> list[dict]:
+    """Mean mass per (layer, head, pattern) over exactly decoded and failed windows."""
+    traced, captured = capture(model)
+    config = model.config
+    sums = {True: 0.0, False: 0.0}
+    counts = {True: 0, False: 0}
+    base = windows(corpus, context, count)
+    for depth in DEPTHS:
+        rng = np.random.default_rng([seed, context, round(depth * 1000)])
+        for index, row in enumerate(base.numpy()):
+            key = random_key(rng)
+            planted, start = plant(row, corpus.tokenizer, key, depth)
+            digit = key_digits_position(planted, corpus.tokenizer, key)
+            captured.clear()
+            traced(torch.tensor(planted[:start])[None])
+            per_layer = []
+            for q, k in captured:
+                q, k = q[0].double(), k[0].double()
+                k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+                keys = list(range(digit, digit + DIGITS))
+                per_layer.append(pattern_masses(q, k, start - 1, keys, config))
+            right = exact.get((depth, index), False)
+            sums[right] = sums[right] + torch.stack(per_layer)  # (layers, h, patterns)
+            counts[right] += 1
+    labels = [
+        f"{w}/{r}" for w, r in zip(config.segment_lengths, config.dilation_rates, strict=True)
+    ]
+    if config.select_top_k:
+        labels.append(f"selected {config.select_top_k}x{config.select_block_size}")
+    rows = []
+    mean = {right: sums[right] / max(1, counts[right]) for right in sums}
+    for layer in range(config.num_layers):
+        for head in range(config.num_heads):
+            for p, label in enumerate(labels):
+                rows.append(
+                    {
+                        "layer": layer,
+                        "head": head,
+                        "pattern": label,
+                        "mass_exact": _item(mean[True], counts[True], layer, head, p),
+                        "mass_failed": _item(mean[False], counts[False], layer, head, p),
+                    }
+                )
+    return rows, counts
+
+
+def _item(mean, count: int, layer: int, head: int, pattern: int):
+    return None if not count else float(mean[layer, head, pattern])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("model", type=Path)
+    parser.add_argument("--context", type=int, default=1024)
+    parser.add_argument("--windows", type=int, default=40)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval", type=Path, help="eval.json of the model, for by_residue")
+    parser.add_argument("--output", type=Path, default=Path("attribution.json"))
+    args = parser.parse_args(argv)
+    model, data = load_model(args.model, None)
+    data.passkey_fraction, data.seq_len_schedule = 0.0, None
+    corpus = load(data)
+    records = json.loads(args.eval.read_text())["passkey_windows"] if args.eval else []
+    ordered = [r for r in records if r["context"] == args.context]
+    exact = {}
+    for record in ordered:  # windows in evaluate_passkey's order: depth, then row
+        index = sum(1 for key in exact if key[0] == record["depth"])
+        exact[(record["depth"], index)] = record["exact"]
+    rate = max(model.config.dilation_rates)
+    rows, counts = masses(model, corpus, args.context, args.windows, args.seed, exact)
+    result = {
+        "model": str(args.model),
+        "context": args.context,
+        "widest_rate": rate,
+        "by_residue": by_residue(records, args.context, rate),
+        "windows": {"exact": counts[True], "failed": counts[False]},
+        "mass": rows,
+    }
+    args.output.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"accuracy by (answer query - key digit) mod {rate}:")
+    for residue, cell in result["by_residue"].items():
+        print(f"  {residue}: {cell['exact']}/{cell['windows']}")
+    print("largest mean mass on the key digits (layer, head, pattern): exact | failed")
+    top = sorted(rows, key=lambda r: -(r["mass_exact"] or 0) - (r["mass_failed"] or 0))[:12]
+    for r in top:
+        print(
+            f"  L{r['layer']} h{r['head']} {r['pattern']}: {r['mass_exact']} | {r['mass_failed']}"
+        )
+
+
+if __name__ == "__main__":
+    main()
