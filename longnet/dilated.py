@@ -186,7 +186,9 @@ def _attention_backward_op(
     grads = engine.backward(grad_out, q, k, v, out, lse, None, plan, scale=scale, kernel=kernel)
     if not select_top_k:
         return grads
-    chosen = selection.backward(grad_out, q, k, v, out, lse, select_block_size, select_top_k, scale)
+    chosen = selection.backward(
+        grad_out, q, k, v, out, lse, select_block_size, select_top_k, scale, kernel
+    )
     return tuple((a + b).to(a.dtype) for a, b in zip(grads, chosen, strict=True))
 
 
