@@ -231,9 +231,10 @@ def table(experiment: Experiment, results: dict[str, dict]) -> str:
         if selection.select_top_k:
             patterns += f" + top-{selection.select_top_k} blocks of {selection.select_block_size}"
         row = [name, patterns]
-        if experiment.costs:
-            row.append(f"{summary['pairs_per_token_8k']:.0f}")
-            row += [f"{summary[f'speed_vs_dense_{n}']:.2f}x" for n in SPEED_LENGTHS]
+        if experiment.costs:  # measured at the end of a call
+            pairs = summary.get("pairs_per_token_8k")
+            row.append("-" if pairs is None else f"{pairs:.0f}")
+            row += [f"{summary.get(f'speed_vs_dense_{n}', math.nan):.2f}x" for n in SPEED_LENGTHS]
         else:
             speed = summary.get("tokens_per_s_at_seq_len")  # absent in older records
             row.append("-" if speed is None else f"{speed:.0f}")
@@ -245,6 +246,16 @@ def table(experiment: Experiment, results: dict[str, dict]) -> str:
         row.append(f"{far['loss']:.2f} @ {far['distance']}")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def write_table(experiment: Experiment, results: dict[str, dict]) -> None:
+    """The plots and the table between the experiment's markers of docs/long-context.md."""
+    evaluations = {n: s["eval"] for n, s in results.items()}
+    plot_evaluation(evaluations, PAGE.with_suffix(""), experiment.plots)
+    text = PAGE.read_text()
+    first, last = experiment.markers
+    start, end = text.index(first) + len(first), text.index(last)
+    PAGE.write_text(text[:start] + "\n\n" + table(experiment, results) + "\n\n" + text[end:])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -276,18 +287,14 @@ def main(argv: list[str] | None = None) -> None:
             results = {n: results[n] for n in order}
         except subprocess.CalledProcessError as error:
             failed[name] = f"{error.cmd[1]} exited with {error.returncode} (see {RESULTS})"
-        if experiment.costs and results:
-            costs(results)
         # After each model: an interrupted experiment still leaves what it measured.
         record.write_text(json.dumps({"models": results, "failed": failed}, indent=1) + "\n")
         if results:
-            evaluations = {n: s["eval"] for n, s in results.items()}
-            plot_evaluation(evaluations, PAGE.with_suffix(""), experiment.plots)
-            text = PAGE.read_text()
-            first, last = experiment.markers
-            start, end = text.index(first) + len(first), text.index(last)
-            body = table(experiment, results)
-            PAGE.write_text(text[:start] + "\n\n" + body + "\n\n" + text[end:])
+            write_table(experiment, results)
+    if experiment.costs and results:  # once, at the end: the speeds are measured together
+        costs(results)
+        record.write_text(json.dumps({"models": results, "failed": failed}, indent=1) + "\n")
+        write_table(experiment, results)
     print(table(experiment, results))
     if failed:
         sys.exit(f"error: failed: {failed}")
