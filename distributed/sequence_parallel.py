@@ -256,6 +256,12 @@ def _group_size_and_rank(group) -> tuple[int, int]:
     return dist.get_world_size(group), rank
 
 
+def default_overlap(group=None) -> bool:
+    """Whether the exchange overlaps the local calls by default: on NCCL only."""
+    world, _ = _group_size_and_rank(group)
+    return world > 1 and dist.get_backend(group) == "nccl"
+
+
 def check_layout(segment_lengths, dilation_rates, seq_len: int, world: int) -> None:
     """ValueError unless a sequence of seq_len tokens splits over `world` ranks for these
     patterns (checked before any process group exists)."""
@@ -293,7 +299,7 @@ def sequence_parallel_dilated_attention(
     softmax_scale: float | None = None,
     backend: str = "auto",
     head_shift: int = 0,
-    overlap: bool = True,
+    overlap: bool | None = None,
     select_top_k: int = 0,
     select_block_size: int = 32,
 ) -> torch.Tensor:
@@ -304,8 +310,11 @@ def sequence_parallel_dilated_attention(
     process when torch.distributed is not initialized). Returns this rank's shard of what
     longnet.dilated_attention returns for the whole sequence; gradients likewise. Every rank of
     the group must pass the same shapes and arguments: the first call with a new layout checks
-    that with one small collective and raises ValueError on every rank otherwise. overlap=False
-    waits for each exchange before computing (for measuring what overlap gains).
+    that with one small collective and raises ValueError on every rank otherwise. overlap: run
+    the local calls while the exchange is in flight; None (default) decides by the group's
+    backend: on for NCCL, off for gloo, whose communication thread competes with the CPU
+    kernels for the same cores (measured at P = 2 on 2 cores: efficiency 0.942-0.973 with it,
+    0.986 without).
     select_top_k > 0 adds the content-selected pattern, as in dilated_attention.
     """
     arguments = (q, k, v, segment_lengths, dilation_rates, causal, softmax_scale, backend)
@@ -315,7 +324,7 @@ def sequence_parallel_dilated_attention(
         description["select_top_k, select_block_size"] = repr((select_top_k, select_block_size))
         _check_ranks_agree(description, group, world)
     patterns, scale, kernel = check_arguments(*arguments, head_shift)
-    check_flag("overlap", overlap)
+    overlap = default_overlap(group) if overlap is None else check_flag("overlap", overlap)
     check_selection(select_top_k, select_block_size, causal)
     shard_len, heads, kv_heads = q.shape[1], q.shape[2], k.shape[2]
     _effective_segment_lengths(patterns, shard_len, world)

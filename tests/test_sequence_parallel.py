@@ -386,3 +386,15 @@ def test_nan_reaches_the_same_outputs_as_on_one_device(which):
     expected = dilated_attention(*tensors.values(), lengths, rates, causal=True).isnan()
     assert expected.any() and not expected.all()
     assert torch.equal(torch.cat(results, dim=1).isnan(), expected)
+
+
+def backend_default(_):
+    from longnet.distributed.sequence_parallel import default_overlap
+
+    return default_overlap(), default_overlap(distributed_utils.consecutive_group(2))
+
+
+def test_overlap_is_off_by_default_on_gloo():
+    """gloo's communication thread competes with the CPU kernels: no overlap unless asked."""
+    results = distributed_utils.run(backend_default, None)
+    assert all(not world and not pair for world, pair in results)
