@@ -62,16 +62,10 @@ def plot(run: Path, out: Path) -> list[Path]:
             if r["step"] == last
         )
         figure, axes = plt.subplots(figsize=(7, 4))
-        axes.plot(*zip(*points, strict=True), "o-")
-        _label_points(axes, points)
-        # From 0: a difference looks as large as it is, not stretched over the whole axis.
-        axes.set(
-            xscale="log",
-            ylim=(0, None),
-            xlabel="context length (tokens)",
-            ylabel="bits per byte",
-            title=f"{run.name}: validation at step {last}",
-        )
+        curves(
+            axes, {"validation": points}, "log", "context length (tokens)", "bits per byte",
+            f"{run.name}: validation at step {last}",
+        )  # fmt: skip
         written.append(_save(figure, out / "eval.png"))
     return written
 
@@ -86,6 +80,26 @@ def _label_points(axes, points, digits: int = 4) -> None:
             ha="center",
             fontsize=7,
         )
+
+
+def curves(axes, runs: dict, xscale: str, xlabel, ylabel, title, extra_ys=()) -> None:
+    """One line per run ({label: [(x, y), ...]}) with ticks at the measured x values, y from 0
+    (a difference looks as large as it is) with room above the values, printed beside each
+    point for up to three runs (more would cover each other)."""
+    xs, ys = set(), [0.0, *extra_ys]
+    for label, points in runs.items():
+        axes.plot(*zip(*points, strict=True), "o-", label=label)
+        if len(runs) <= 3:
+            _label_points(axes, points, 3)
+        xs.update(x for x, _ in points)
+        ys += [y for _, y in points]
+    if xscale == "symlog":
+        axes.set_xscale("symlog", linthresh=64)
+    else:
+        axes.set_xscale(xscale)
+    axes.set_xticks(sorted(xs), [str(x) for x in sorted(xs)])
+    axes.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    axes.set(ylim=(0, 1.15 * max(ys)), xlabel=xlabel, ylabel=ylabel, title=title)
 
 
 def plot_evaluation(results: dict[str, dict], out: Path, prefix: str = "") -> list[Path]:
@@ -107,28 +121,19 @@ def plot_evaluation(results: dict[str, dict], out: Path, prefix: str = "") -> li
         if not runs:
             continue
         figure, axes = plt.subplots(figsize=(7, 4))
-        xs, ys = set(), [0.0]
+        series = {}
         for label, rows in runs.items():
             if task == "perplexity":
-                points = sorted((int(c), v[key]) for c, v in rows.items())
+                series[label] = sorted((int(c), v[key]) for c, v in rows.items())
             else:
-                points = [(v["start" if task == "positions" else "distance"], v[key]) for v in rows]
-            axes.plot(*zip(*points, strict=True), "o-", label=label)
-            if len(runs) <= 3:  # more lines' labels would cover each other
-                _label_points(axes, points, 3)
-            xs.update(x for x, _ in points)
-            ys += [y for _, y in points]
+                x = "start" if task == "positions" else "distance"
+                series[label] = [(v[x], v[key]) for v in rows]
+        extra = ()
         if task == "copy":
-            chance = math.log(len(COPY_ALPHABET))
-            axes.axhline(chance, color="gray", ls="--", label="chance (ln 62)")
-            ys.append(chance)
-        if task == "positions":
-            axes.set_xscale("symlog", linthresh=64)
-        else:
-            axes.set_xscale("log")
-        axes.set_xticks(sorted(xs), [str(x) for x in sorted(xs)])
-        axes.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-        axes.set(ylim=(0, 1.15 * max(ys)), xlabel=xlabel, ylabel=ylabel, title=task)
+            extra = (math.log(len(COPY_ALPHABET)),)
+            axes.axhline(extra[0], color="gray", ls="--", label="chance (ln 62)")
+        xscale = "symlog" if task == "positions" else "log"
+        curves(axes, series, xscale, xlabel, ylabel, task, extra)
         if len(runs) <= 3:
             axes.legend(fontsize=8)
         else:  # beside the axes, where it hides no line
