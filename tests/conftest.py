@@ -143,3 +143,23 @@ LAYOUTS = {
     "heads_expanded": lambda x: _broadcast(x, 2),
     "batch_expanded": lambda x: _broadcast(x, 0),
 }
+
+
+# Modules whose tests launch training runs (DeepSpeed, several processes, kill and resume),
+# build wheels or run the benchmark scripts: `pytest -m "not slow"` leaves them out for the
+# edit-test loop; CI runs everything.
+SLOW_MODULES = {
+    "test_benchmarks",
+    "test_evaluate",
+    "test_export",
+    "test_fail_safe",
+    "test_install",
+    "test_process_grid",
+    "test_training",
+}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.module.__name__ in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
