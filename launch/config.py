@@ -110,6 +110,9 @@ class CheckpointConfig(_Section):
     interval: NonNegativeInt = 0  # optimizer steps between checkpoints; 0: only at the end
     resume: str = "auto"  # auto: the latest complete checkpoint if any; none; or a folder
     keep: PositiveInt = 2  # complete checkpoints kept (older ones are deleted)
+    # Content hashes of the checkpoint files, recorded at save and checked at resume (sizes are
+    # always): false for checkpoints so large that reading them twice costs too much.
+    verify_hashes: bool = True
 
 
 def _data_config(values: Any) -> Any:

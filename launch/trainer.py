@@ -14,6 +14,7 @@ Runs the same under `deepspeed`, `torchrun` and plain `python` (one process).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import functools
 import hashlib
@@ -34,7 +35,7 @@ from longnet.distributed import (
     shard_sequence,
 )
 from longnet.distributed.grid import single_rank_group
-from longnet.launch import checkpoint, data
+from longnet.launch import checkpoint, cli, data
 from longnet.launch.config import Config, load_config, save_config
 from longnet.launch.metrics import MetricsLogger
 from longnet.model import IGNORE_INDEX
@@ -143,6 +144,7 @@ def validate(config: Config, world_size: int) -> None:
             f"{tokenizer.vocab_size} ({config.data.tokenizer})"
         )
     output_dir = Path(config.run.output_dir)
+    cli.check_output_dir(output_dir, "run.output_dir")
     steps = checkpoint.complete_steps(checkpoint.checkpoint_dir(output_dir))
     if steps and config.checkpoint.resume == "none":
         raise ValueError(
@@ -166,7 +168,21 @@ def validate(config: Config, world_size: int) -> None:
                 f"output_dir"
             )
     if resume is not None:
-        checkpoint.check_layout(resume, checkpoint.layout(world_size, world_size // sp, sp))
+        # A damaged marker is left to the Trainer's plan_resume, which may resume an older one.
+        with contextlib.suppress(checkpoint.DamagedCheckpoint):
+            checkpoint.check_layout(resume, checkpoint.layout(world_size, world_size // sp, sp))
+
+
+def check_evaluation_lengths(config: Config, corpus: data.Corpus) -> None:
+    """Every evaluation length fits the validation split: found at start, not at the first
+    evaluation, after hours of training."""
+    if corpus.validation is None:
+        return
+    for seq_len in config.train.eval_seq_lens:
+        try:
+            corpus.validation_rows(seq_len, max_rows=1)
+        except ValueError as error:
+            raise ValueError(f"train.eval_seq_lens={seq_len}: {error}") from None
 
 
 def deepspeed_config(config: Config, data_parallel: int) -> dict:
@@ -253,7 +269,10 @@ class Trainer:
         self.layout = checkpoint.layout(dims.world_size, dims.data_parallel, sp)
         # Before anything is written or loaded: a refused resume leaves the run as it was.
         resume = checkpoint.agree_on_resume(
-            config.checkpoint.resume, config.run.output_dir, self.layout
+            config.checkpoint.resume,
+            config.run.output_dir,
+            self.layout,
+            config.checkpoint.verify_hashes,
         )
 
         # The tokenised corpus: built once per node (caches are usually node-local), then read.
@@ -269,6 +288,7 @@ class Trainer:
         if failed.item():
             raise error or ValueError("the corpus failed to build on another node (see there)")
         self.corpus = data.load(config.data)
+        check_evaluation_lengths(config, self.corpus)
         self.output_dir = Path(config.run.output_dir)
         if self.rank0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -283,9 +303,7 @@ class Trainer:
 
         self.step = 0
         if resume is not None:
-            directory, tag = resume
-            _, client = self.engine.load_checkpoint(str(directory), tag=tag)
-            self.step = client["step"]
+            self.step = self._load(*resume)
         self.metrics = MetricsLogger(config, self.step, config.train.steps, self.rank0)
         longest = max(model.config.segment_lengths)
         beyond = sorted(
@@ -306,6 +324,15 @@ class Trainer:
                 f"{f'resuming after step {self.step}' if self.step else 'starting'}",
                 file=sys.stderr,
             )
+
+    def _load(self, directory: Path, tag: str) -> int:
+        """Resume from a checkpoint plan_resume chose; the step it holds. A file that fails to
+        load all the same (a checkpoint without a manifest) is named, not a DeepSpeed trace."""
+        try:
+            _, client = self.engine.load_checkpoint(str(directory), tag=tag)
+            return client["step"]
+        except checkpoint.READ_ERRORS as error:
+            raise checkpoint.unreadable(directory / tag, error) from None
 
     # -- one micro-batch ------------------------------------------------------------------------
 
@@ -415,6 +442,9 @@ class Trainer:
 
     def save(self) -> None:
         directory = checkpoint.checkpoint_dir(self.output_dir)
+        if self.rank0:
+            checkpoint.begin_save(directory, self.step)
+        torch.distributed.barrier()  # no rank overwrites a folder that still looks complete
         self.engine.save_checkpoint(
             str(directory),
             tag=checkpoint.tag(self.step),
@@ -423,8 +453,8 @@ class Trainer:
         )
         torch.distributed.barrier()  # every rank's files are on disk
         if self.rank0:
-            keep = self.config.checkpoint.keep
-            checkpoint.mark_complete(directory, self.step, keep, self.layout)
+            keep, hashes = self.config.checkpoint.keep, self.config.checkpoint.verify_hashes
+            checkpoint.mark_complete(directory, self.step, keep, self.layout, hashes)
         torch.distributed.barrier()
 
     def fit(self) -> None:
@@ -460,16 +490,17 @@ class Trainer:
                     }
                 )
                 last_log, last_time = self.step, now
-            if train.eval_interval and self.step % train.eval_interval == 0:
-                self.evaluate()
-                last_time = time.perf_counter()
+            # The checkpoint first: an evaluation that fails loses no training.
             if interval and self.step % interval == 0:
                 self.save()
                 last_time = time.perf_counter()
-        if not train.eval_interval or self.step % train.eval_interval:
-            self.evaluate()
+            if train.eval_interval and self.step % train.eval_interval == 0:
+                self.evaluate()
+                last_time = time.perf_counter()
         if not interval or self.step % interval:
             self.save()
+        if not train.eval_interval or self.step % train.eval_interval:
+            self.evaluate()
         self.metrics.close()
 
 
@@ -489,16 +520,13 @@ def main(argv: list[str] | None = None) -> None:
         config = load_config(args.config, args.overrides)
         validate(config, _world_size())
     except ValueError as error:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        cli.fail(error, show=int(os.environ.get("RANK", "0")) == 0)
     try:
         trainer = Trainer(config)
     except ValueError as error:
-        if torch.distributed.get_rank() == 0:
-            print(f"error: {error}", file=sys.stderr)
+        rank = torch.distributed.get_rank()
         torch.distributed.destroy_process_group()
-        sys.exit(2)  # Trainer raises ValueError only after the process group exists
+        cli.fail(error, show=rank == 0)  # Trainer raises ValueError only after the group exists
     trainer.fit()
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
