@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from longnet import LongNetLM
 from longnet.distributed import check_layout, sequence_parallel_dilated_attention, shard_sequence
+from longnet.launch import cli
 from longnet.launch.config import load_config
 from longnet.launch.data import Corpus, DataConfig, load
 from longnet.launch.data.passkey import KEY, QUESTION, plant, random_key
@@ -58,13 +59,16 @@ COPY_ALPHABET = string.ascii_letters + string.digits
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
-def load_model(path: Path, data_config: Path | None) -> tuple[LongNetLM, DataConfig]:
-    """The model in eval mode and the data config of its corpus."""
+def load_model(
+    path: Path, data_config: Path | None, hashes: bool = True
+) -> tuple[LongNetLM, DataConfig]:
+    """The model in eval mode (a run's checkpoint verified, with content hashes when `hashes`)
+    and the data config of its corpus."""
     if (path / CONFIG_FILE).is_file():
         model = LongNetLM.from_pretrained(path)
         data = load_config(data_config).data if data_config else DataConfig()
     elif (path / "config.yaml").is_file():
-        model, _ = load_run(path, None)
+        model, _ = load_run(path, None, hashes)
         data = load_config(data_config or path / "config.yaml").data
     else:
         raise ValueError(f"{str(path)!r} is neither a run folder nor an exported model")
@@ -256,8 +260,8 @@ def key_digits_position(planted: np.ndarray, tokenizer, key: str) -> int:
     raise ValueError(f"key {key} not found in its window")
 
 
-def evaluate(model, corpus, tasks, contexts, count, batch_size, seed=0, depths=DEPTHS) -> dict:
-    """The JSON of the module notes (with the model's patterns and parameter count)."""
+def check_arguments(tasks, contexts, depths) -> None:
+    """ValueError naming the bad one; main checks them before any work."""
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"--tasks: unknown {', '.join(unknown)}; tasks: {', '.join(TASKS)}")
@@ -267,6 +271,11 @@ def evaluate(model, corpus, tasks, contexts, count, batch_size, seed=0, depths=D
         raise ValueError(f"--depths must lie in [0, 1], got {list(depths)}")
     if "copy" in tasks and max(contexts) < 3 * COPY_LENGTH:
         raise ValueError(f"the copy task needs a context of >= {3 * COPY_LENGTH} tokens")
+
+
+def evaluate(model, corpus, tasks, contexts, count, batch_size, seed=0, depths=DEPTHS) -> dict:
+    """The JSON of the module notes (with the model's patterns and parameter count)."""
+    check_arguments(tasks, contexts, depths)
     config = model.config
     results = {
         "model": {
@@ -321,15 +330,26 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--dilation-rates", type=_ints, help="with --segment-lengths")
     parser.add_argument("--output", type=Path, default=Path("eval.json"))
+    parser.add_argument(
+        "--no-verify-hashes",
+        dest="hashes",
+        action="store_false",
+        help="check a run checkpoint's file sizes only, not their content (huge checkpoints)",
+    )
     args = parser.parse_args(argv)
-    try:
-        depths = [float(d) for d in args.depths.split(",")]
+    try:  # every argument first, then the work; bad input: one line, exit status 2
+        try:
+            depths = [float(d) for d in args.depths.split(",")]
+        except ValueError:
+            raise ValueError(f"--depths {args.depths!r}: not numbers separated by commas") from None
         if args.windows < 1 or args.batch_size < 1:
             raise ValueError(
                 f"--windows and --batch-size must be >= 1, got {args.windows}, {args.batch_size}"
             )
         tasks = args.tasks.split(",")
-        model, data = load_model(args.model, args.data_config)
+        check_arguments(tasks, args.context_lengths, depths)
+        cli.check_output_file(args.output, "--output")
+        model, data = load_model(args.model, args.data_config, args.hashes)
         if args.segment_lengths or args.dilation_rates:
             model = rebuilt(
                 model,
@@ -339,6 +359,7 @@ def main(argv: list[str] | None = None) -> None:
         model = sequence_parallel(model, tasks, args.context_lengths)
         data.passkey_fraction, data.seq_len_schedule = 0.0, None
         corpus = load(data)
+        windows(corpus, max(args.context_lengths), args.windows)  # enough, before any task runs
         results = evaluate(
             model,
             corpus,
@@ -349,8 +370,8 @@ def main(argv: list[str] | None = None) -> None:
             args.seed,
             depths,
         )
-    except ValueError as error:
-        sys.exit(f"error: {error}")
+    except (ValueError, FileNotFoundError) as error:
+        cli.fail(error, show=int(os.environ.get("RANK", "0")) == 0)
     if dist.is_initialized():
         rank = dist.get_rank()
         dist.destroy_process_group()

@@ -1,11 +1,13 @@
 """Consolidate a run's checkpoint into a model folder that needs neither DeepSpeed nor the run.
 
-    python launch/export.py RUN_DIR OUT_DIR [--step N]
+    python launch/export.py RUN_DIR OUT_DIR [--step N] [--no-verify-hashes]
 
 Writes OUT_DIR/config.json and OUT_DIR/model.safetensors (float32) from the latest complete
 checkpoint (or step N) of any ZeRO stage; load them with LongNetLM.from_pretrained(OUT_DIR).
-Sharded ZeRO checkpoints are merged by DeepSpeed's zero_to_fp32, which unpickles the run's own
-optimizer files (as DeepSpeed's resume does): export only runs you trust.
+The checkpoint is verified against its manifest first (longnet.launch.checkpoint): a damaged one
+is refused, naming the file. Sharded ZeRO checkpoints are merged by DeepSpeed's zero_to_fp32,
+which unpickles the run's own optimizer files (as DeepSpeed's resume does): export only runs you
+trust. Bad input: one line `error: ...`, exit status 2, nothing written.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ from pathlib import Path
 import torch
 
 from longnet import LongNetLM
-from longnet.launch import checkpoint
+from longnet.launch import checkpoint, cli
 from longnet.launch.config import load_config
 from longnet.model import CONFIG_FILE, WEIGHTS_FILE
 
 
-def find_checkpoint(run: Path, step: int | None) -> tuple[Path, str]:
-    """(checkpoints folder, tag) of step `step` (default: the latest complete one) of `run`."""
+def find_checkpoint(run: Path, step: int | None, hashes: bool = True) -> tuple[Path, str]:
+    """(checkpoints folder, tag) of step `step` (default: the latest complete one) of `run`,
+    verified."""
     if not (run / "config.yaml").is_file():
         raise ValueError(f"{str(run)!r} is not a training run (no config.yaml)")
     directory = checkpoint.checkpoint_dir(run)
@@ -35,6 +38,7 @@ def find_checkpoint(run: Path, step: int | None) -> tuple[Path, str]:
         step = steps[-1]
     if step not in steps:
         raise ValueError(f"--step {step}: {str(run)!r} has complete checkpoints at steps {steps}")
+    checkpoint.verified(directory / checkpoint.tag(step), hashes)
     return directory, checkpoint.tag(step)
 
 
@@ -42,26 +46,32 @@ def consolidated_state_dict(directory: Path, tag: str) -> dict[str, torch.Tensor
     """The model's float32 weights from a DeepSpeed checkpoint of any ZeRO stage."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    if list((directory / tag).glob("*optim_states.pt")):  # ZeRO 1-3: merge the shards
+    folder = directory / tag
+    if not checkpoint.has_optimizer_shards(folder):  # no ZeRO: the whole model in one file
+        return checkpoint.model_weights(folder)
+    try:  # ZeRO 1-3: merge the shards
         with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed reports as it merges
             return get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag)
-    # No ZeRO: the whole model is in one file, tensors only.
-    states = torch.load(directory / tag / "mp_rank_00_model_states.pt", weights_only=True)
-    return {name: value.float() for name, value in states["module"].items()}
+    except checkpoint.READ_ERRORS as error:  # only where no manifest could catch it first
+        raise checkpoint.unreadable(folder, error) from None
 
 
-def export(run: Path, out: Path, step: int | None = None) -> Path:
-    """Checks first (nothing is written on a bad argument), then writes out/."""
-    directory, tag = find_checkpoint(run, step)
+def check_out(out: Path) -> None:
+    """An empty or new folder this process can write (or a previous export, replaced)."""
+    cli.check_output_dir(out, "OUT_DIR")
     if out.exists():
-        if not out.is_dir():
-            raise ValueError(f"{str(out)!r} is a file: export into an empty or new folder")
         others = sorted(p.name for p in out.iterdir() if p.name not in (CONFIG_FILE, WEIGHTS_FILE))
         if others:
             raise ValueError(
                 f"{str(out)!r} holds other files ({', '.join(others[:3])}): export into an "
                 f"empty or new folder"
             )
+
+
+def export(run: Path, out: Path, step: int | None = None, hashes: bool = True) -> Path:
+    """Checks first (nothing is written on a bad argument), then writes out/."""
+    directory, tag = find_checkpoint(run, step, hashes)
+    check_out(out)
     model = LongNetLM(load_config(run / "config.yaml").model.build())
     model.load_state_dict(consolidated_state_dict(directory, tag))
     return model.save_pretrained(out)
@@ -72,11 +82,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run", type=Path, help="the run's output_dir")
     parser.add_argument("out", type=Path, help="the folder to write")
     parser.add_argument("--step", type=int, help="a checkpointed step (default: the latest)")
+    parser.add_argument(
+        "--no-verify-hashes",
+        dest="hashes",
+        action="store_false",
+        help="check the checkpoint's file sizes only, not their content (huge checkpoints)",
+    )
     args = parser.parse_args(argv)
     try:
-        written = export(args.run, args.out, args.step)
+        written = export(args.run, args.out, args.step, args.hashes)
     except ValueError as error:
-        sys.exit(f"error: {error}")
+        cli.fail(error)
     print(f"exported {args.run} to {written}", file=sys.stderr)
 
 

@@ -4,28 +4,31 @@
     python launch/generate.py exported/ --tokenizer byte --prompt "def "
 
 A run folder: its config.yaml and the weights of its latest complete checkpoint (or
---checkpoint step_*), read as tensors only (a ZeRO-3 run is sharded: export it first with
-launch/export.py). An exported folder (config.json, model.safetensors): LongNetLM.from_pretrained;
-its tokenizer is --tokenizer (default byte). Samples with longnet.generation's key/value cache.
+--checkpoint step_*), verified against the checkpoint's manifest and read as tensors only (a
+ZeRO-3 run is sharded: export it first with launch/export.py). An exported folder (config.json,
+model.safetensors): LongNetLM.from_pretrained; its tokenizer is --tokenizer (default byte).
+Samples with longnet.generation's key/value cache; --temperature 0 (like --top-k 1) decodes
+greedily. Every argument is checked before the model loads: bad input ends with one line
+`error: ...` and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
+import math
 from pathlib import Path
 
 import torch
 
 from longnet import LongNetLM
-from longnet.launch import checkpoint
+from longnet.launch import checkpoint, cli
 from longnet.launch.config import load_config
-from longnet.launch.data import make_tokenizer
+from longnet.launch.data import Tokenizer, make_tokenizer
 from longnet.model import CONFIG_FILE
 
 
-def load_run(run: Path, tag: str | None) -> tuple[LongNetLM, str]:
-    """The model of a run's checkpoint and the run's tokenizer spec."""
+def load_run(run: Path, tag: str | None, hashes: bool = True) -> tuple[LongNetLM, str]:
+    """The model of a run's checkpoint (verified) and the run's tokenizer spec."""
     config = load_config(run / "config.yaml")
     if config.deepspeed.get("zero_optimization", {}).get("stage", 0) == 3:
         raise ValueError(
@@ -39,39 +42,90 @@ def load_run(run: Path, tag: str | None) -> tuple[LongNetLM, str]:
     tag = tag or checkpoint.tag(steps[-1])
     if not (directory / tag / checkpoint.COMPLETE).is_file():
         raise ValueError(f"--checkpoint {tag}: no complete checkpoint of that name in {directory}")
-    # ZeRO 0-2 keep the whole model (the weights the forward used) in one file: tensors only.
-    states = torch.load(directory / tag / "mp_rank_00_model_states.pt", weights_only=True)
+    checkpoint.verified(directory / tag, hashes)
     model = LongNetLM(config.model.build())
-    model.load_state_dict({name: value.float() for name, value in states["module"].items()})
+    model.load_state_dict(checkpoint.model_weights(directory / tag))
     return model.eval(), config.data.tokenizer
+
+
+def check_sampling(args: argparse.Namespace) -> None:
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if not 0 <= args.temperature < math.inf:  # NaN fails too
+        raise ValueError(
+            f"--temperature must be > 0, or 0 for greedy decoding, got {args.temperature}"
+        )
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"--top-k must be >= 1 (1: greedy), got {args.top_k}")
+    if not args.prompt:
+        raise ValueError("--prompt is empty: generation continues a prompt of at least one token")
+
+
+def tokenizer_of(args: argparse.Namespace, exported: bool) -> Tokenizer:
+    """--tokenizer, else the run's own (an exported model's default: byte)."""
+    if args.tokenizer is None:
+        spec = "byte" if exported else load_config(args.model / "config.yaml").data.tokenizer
+        return make_tokenizer(spec)
+    try:
+        return make_tokenizer(args.tokenizer)
+    except ValueError as error:
+        raise ValueError(f"--tokenizer {args.tokenizer!r}: {error}") from None
+
+
+def encode_prompt(tokenizer: Tokenizer, prompt: str, vocab_size: int) -> torch.Tensor:
+    """(1, n) token ids of the prompt, which the model must know."""
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens, the model {vocab_size}: pass the "
+            f"tokenizer the model was trained with (--tokenizer)"
+        )
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        raise ValueError(f"--prompt {prompt!r} encodes to no tokens")
+    return torch.tensor([ids])
+
+
+def load(args: argparse.Namespace) -> tuple[LongNetLM, torch.Tensor, Tokenizer]:
+    """(model, prompt tokens, tokenizer), every argument checked before the model loads."""
+    check_sampling(args)
+    exported = (args.model / CONFIG_FILE).is_file()
+    if not exported and not (args.model / "config.yaml").is_file():
+        raise ValueError(f"{str(args.model)!r} is neither a run folder nor an exported model")
+    if exported and args.checkpoint:
+        raise ValueError(f"--checkpoint names a run's checkpoint; {args.model} is an export")
+    tokenizer = tokenizer_of(args, exported)
+    if exported:
+        model = LongNetLM.from_pretrained(args.model)
+    else:
+        model, _ = load_run(args.model, args.checkpoint, args.hashes)
+    return model, encode_prompt(tokenizer, args.prompt, model.config.vocab_size), tokenizer
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("model", type=Path, help="a run's output_dir or an exported folder")
     parser.add_argument("--checkpoint", help="a run's step_* folder name (default: the latest)")
-    parser.add_argument("--tokenizer", help="an exported model's tokenizer (default: byte)")
-    parser.add_argument("--prompt", default="def ")
-    parser.add_argument("--max-new-tokens", type=int, default=200)
-    parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--tokenizer", help="default: the run's own; byte for an exported model")
+    parser.add_argument("--prompt", default="def ", help="the text to continue (not empty)")
+    parser.add_argument("--max-new-tokens", type=int, default=200, help=">= 1")
+    parser.add_argument("--temperature", type=float, default=0.8, help="> 0; 0: greedy")
+    parser.add_argument("--top-k", type=int, default=None, help=">= 1; 1: greedy")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--no-verify-hashes",
+        dest="hashes",
+        action="store_false",
+        help="check a run checkpoint's file sizes only, not their content (huge checkpoints)",
+    )
     args = parser.parse_args(argv)
-
     try:
-        if (args.model / CONFIG_FILE).is_file():
-            model, tokenizer = LongNetLM.from_pretrained(args.model), args.tokenizer or "byte"
-        elif (args.model / "config.yaml").is_file():
-            model, tokenizer = load_run(args.model, args.checkpoint)
-            tokenizer = args.tokenizer or tokenizer
-        else:
-            raise ValueError(f"{args.model} is neither a run folder nor an exported model")
-    except ValueError as error:
-        sys.exit(f"error: {error}")
-    tokenizer = make_tokenizer(tokenizer)
+        model, prompt, tokenizer = load(args)
+    except (ValueError, FileNotFoundError) as error:
+        cli.fail(error)
+    # temperature 0 is the limit of sharper and sharper sampling: the most likely token.
+    temperature, top_k = (1.0, 1) if args.temperature == 0 else (args.temperature, args.top_k)
     torch.manual_seed(args.seed)
-    prompt = torch.tensor([tokenizer.encode(args.prompt)])
-    tokens = model.generate(prompt, args.max_new_tokens, args.temperature, args.top_k)
+    tokens = model.generate(prompt, args.max_new_tokens, temperature, top_k)
     print(tokenizer.decode(tokens[0].tolist()))
 
 

@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -20,6 +21,7 @@ from types import SimpleNamespace
 
 import distributed_utils
 import pytest
+import torch
 import torch.distributed as dist
 from distributed_utils import (
     ROOT,
@@ -34,7 +36,8 @@ from distributed_utils import (
     train_args,
 )
 
-from longnet.launch import checkpoint
+from longnet import LongNetConfig, LongNetLM
+from longnet.launch import checkpoint, evaluate, export, generate
 from longnet.launch.trainer import Trainer
 
 MODEL = checkpoint.MODEL_STATES
@@ -375,3 +378,202 @@ def test_each_checkpoint_is_saved_before_the_evaluation_of_its_step():
     recorder.evaluate = lambda: calls.append(("evaluate", recorder.step))
     Trainer.fit(recorder)
     assert calls == [("save", 2), ("evaluate", 2), ("save", 4), ("evaluate", 4)]
+
+
+# -- export, generate, evaluate on damaged checkpoints ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def damaged_runs(tmp_path_factory) -> dict[str, Path]:
+    """A copy of the baseline run per damage, applied to the model file of its latest step."""
+    runs = {}
+    for damage in DAMAGE:
+        root = tmp_path_factory.mktemp(damage)
+        runs[damage] = damaged_copy(root, "baseline", {"step_000006": (damage, MODEL)})
+    return runs
+
+
+PROGRAMS = {
+    "export": lambda run, out: ["launch/export.py", run, out / "model"],
+    "generate": lambda run, out: ["launch/generate.py", run, "--max-new-tokens", "4"],
+    "evaluate": lambda run, out: [
+        "launch/evaluate.py",
+        run,
+        "--tasks",
+        "perplexity",
+        "--context-lengths",
+        "256",
+        "--windows",
+        "1",
+        "--output",
+        out / "eval.json",
+    ],  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+@pytest.mark.parametrize("program", PROGRAMS)
+def test_programs_refuse_a_damaged_checkpoint_naming_it(tmp_path, damaged_runs, program, damage):
+    run = damaged_runs[damage]
+    before = file_digests(run)
+    line = refusal(launch(python_command(*map(str, PROGRAMS[program](run, tmp_path)))))
+    assert f"step_000006 is damaged: {MODEL} {SAYS[damage]}" in line, line
+    assert "the newest intact checkpoint of the run is step_000003" in line, line
+    assert file_digests(run) == before and list(tmp_path.iterdir()) == []
+
+
+# -- generate, export, evaluate: bad arguments (main() in this process) ---------------------------
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("exported")
+    LongNetLM(LongNetConfig.preset("longnet-tiny")).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["--max-new-tokens", "-3"], "--max-new-tokens must be >= 1, got -3"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+        (["--temperature", "-1"], "--temperature must be > 0, or 0 for greedy decoding, got -1"),
+        (["--temperature", "nan"], "--temperature must be > 0"),
+        (["--top-k", "0"], "--top-k must be >= 1 (1: greedy), got 0"),
+        (["--prompt", ""], "--prompt is empty"),
+        (["--tokenizer", "no-such-tokenizer"], "--tokenizer 'no-such-tokenizer': unknown"),
+        (["--tokenizer", "{words}/300.json"], "the tokenizer has 301 tokens, the model 264"),
+        (["--tokenizer", "{words}/2.json", "--prompt", " "], "--prompt ' ' encodes to no tokens"),
+        (["--checkpoint", "step_000003"], "--checkpoint names a run's checkpoint"),
+    ],
+)
+def test_generate_refuses_bad_arguments(exported, tmp_path, capsys, argv, says):
+    tokenizers = pytest.importorskip("tokenizers")
+    for size in (2, 300):  # word-level tokenizers: "w0" ... and end of text
+        words = tokenizers.models.WordLevel({f"w{i}": i for i in range(size)}, unk_token="w0")
+        tokenizer = tokenizers.Tokenizer(words)
+        tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+        tokenizer.save(str(tmp_path / f"{size}.json"))
+    argv = [a.format(words=tmp_path) for a in argv]
+    line = refused_in_process(generate.main, [exported, *argv], capsys)
+    assert says in line, line
+
+
+def test_generate_at_temperature_0_decodes_greedily(exported, capsys):
+    outputs = []
+    for argv in (["--temperature", "0"], ["--top-k", "1", "--seed", "7"]):
+        generate.main([str(exported), "--max-new-tokens", "8", *argv])
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and outputs[0].startswith("def ")
+
+
+@pytest.fixture
+def broken_export(tmp_path, exported) -> Path:
+    folder = tmp_path / "export"
+    shutil.copytree(exported, folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "file, content, says",
+    [
+        ("model.safetensors", None, "model.safetensors is unreadable"),
+        ("config.json", "{not json", "config.json is unreadable"),
+        ("config.json", '{"d_modle": 64}', "config.json is unreadable: unknown LongNetConfig"),
+    ],
+    ids=["truncated-weights", "invalid-json", "unknown-field"],
+)
+def test_generate_and_evaluate_refuse_an_unreadable_export(
+    tmp_path, broken_export, capsys, file, content, says
+):
+    if content is None:
+        truncate(broken_export / file)
+    else:
+        (broken_export / file).write_text(content)
+    line = refused_in_process(generate.main, [broken_export], capsys)
+    assert says in line and str(broken_export) in line, line
+    output = tmp_path / "eval.json"
+    line = refused_in_process(evaluate.main, [broken_export, "--output", output], capsys)
+    assert says in line, line
+    assert not output.exists()
+
+
+def test_from_pretrained_names_a_mistyped_folder_before_any_hub_lookup(tmp_path, monkeypatch):
+    hub = pytest.importorskip("huggingface_hub")
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the Hub was asked")
+
+    monkeypatch.setattr(hub, "snapshot_download", no_hub)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "a-file").write_text("")
+    for path in ["runs/my-exprot", "./exported", "/no/such/folder", "~/no-such-model",
+                 tmp_path / "missing", "a-file"]:  # fmt: skip
+        with pytest.raises(FileNotFoundError, match=re.escape(str(path))):
+            LongNetLM.from_pretrained(path)
+
+
+def test_from_pretrained_names_an_unreadable_file(broken_export):
+    truncate(broken_export / "model.safetensors")
+    with pytest.raises(ValueError, match=f"{broken_export}/model.safetensors is unreadable"):
+        LongNetLM.from_pretrained(broken_export)
+    (broken_export / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=f"{broken_export}/config.json is unreadable"):
+        LongNetLM.from_pretrained(broken_export)
+
+
+def test_save_pretrained_leaves_no_temporary_files(tmp_path, exported):
+    model = LongNetLM.from_pretrained(exported)
+    model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+
+
+@pytest.mark.parametrize(
+    "out, says",
+    [
+        ("file", "OUT_DIR='{out}' is a file, not a folder"),
+        ("unwritable", "OUT_DIR='{out}': cannot write in /sys"),
+    ],  # fmt: skip
+)
+def test_export_refuses_an_unusable_output_before_reading_the_run(tmp_path, capsys, out, says):
+    run = reference_run("baseline")
+    path = tmp_path / "a-file" if out == "file" else UNWRITABLE
+    if out == "file":
+        path.write_text("keep me")
+    line = refused_in_process(export.main, [run, path], capsys)
+    assert says.format(out=path) in line, line
+    assert out != "file" or path.read_text() == "keep me"
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["--output", "{tmp}"], "--output='{tmp}' is a folder"),
+        (["--output", str(UNWRITABLE / "eval.json")], "cannot write in /sys"),
+        (["--output", "{tmp}/a-file/eval.json"], "a-file is a file, not a folder"),
+        (["--depths", "0.5,deep"], "--depths '0.5,deep': not numbers"),
+        (["--tasks", "perplexity,recall"], "--tasks: unknown recall"),
+        (["--context-lengths", "1"], "--context-lengths must be integers >= 2"),
+        (["--windows", "0"], "--windows and --batch-size must be >= 1"),
+        # Checked before any task runs: passkey would have scored 128 tokens first.
+        (["--tasks", "passkey", "--context-lengths", "128,100000"], "fewer than --windows 2"),
+    ],
+)
+def test_evaluate_refuses_bad_arguments_before_the_work(tmp_path, capsys, argv, says):
+    (tmp_path / "a-file").write_text("")
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    if "--output" not in argv:
+        argv += ["--output", str(tmp_path / "eval.json")]
+    run = reference_run("baseline")
+    line = refused_in_process(evaluate.main, [run, "--windows", "2", *argv], capsys)
+    assert says.format(tmp=tmp_path) in line, line
+    assert not (tmp_path / "eval.json").exists()
+
+
+def test_evaluate_and_generate_name_a_missing_model_folder(tmp_path, capsys):
+    missing = tmp_path / "no-such-run"
+    for main in (evaluate.main, generate.main):
+        line = refused_in_process(main, [missing], capsys)
+        assert f"'{missing}' is neither a run folder nor an exported model" in line, line
