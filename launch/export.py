@@ -25,9 +25,8 @@ from longnet.launch.config import load_config
 from longnet.model import CONFIG_FILE, WEIGHTS_FILE
 
 
-def find_checkpoint(run: Path, step: int | None, hashes: bool = True) -> tuple[Path, str]:
-    """(checkpoints folder, tag) of step `step` (default: the latest complete one) of `run`,
-    verified."""
+def find_checkpoint(run: Path, step: int | None) -> tuple[Path, str]:
+    """(checkpoints folder, tag) of step `step` (default: the latest complete one) of `run`."""
     if not (run / "config.yaml").is_file():
         raise ValueError(f"{str(run)!r} is not a training run (no config.yaml)")
     directory = checkpoint.checkpoint_dir(run)
@@ -38,7 +37,6 @@ def find_checkpoint(run: Path, step: int | None, hashes: bool = True) -> tuple[P
         step = steps[-1]
     if step not in steps:
         raise ValueError(f"--step {step}: {str(run)!r} has complete checkpoints at steps {steps}")
-    checkpoint.verified(directory / checkpoint.tag(step), hashes)
     return directory, checkpoint.tag(step)
 
 
@@ -69,9 +67,11 @@ def check_out(out: Path) -> None:
 
 
 def export(run: Path, out: Path, step: int | None = None, hashes: bool = True) -> Path:
-    """Checks first (nothing is written on a bad argument), then writes out/."""
-    directory, tag = find_checkpoint(run, step, hashes)
+    """Checks first, the cheap ones first (nothing is written on a bad argument), then writes
+    out/."""
+    directory, tag = find_checkpoint(run, step)
     check_out(out)
+    checkpoint.verified(directory / tag, hashes)  # reads every byte of the checkpoint
     model = LongNetLM(load_config(run / "config.yaml").model.build())
     model.load_state_dict(consolidated_state_dict(directory, tag))
     return model.save_pretrained(out)
