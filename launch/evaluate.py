@@ -349,6 +349,8 @@ def main(argv: list[str] | None = None) -> None:
         tasks = args.tasks.split(",")
         check_arguments(tasks, args.context_lengths, depths)
         cli.check_output_file(args.output, "--output")
+        if args.data_config:  # a bad file fails before the checkpoint is read
+            load_config(args.data_config)
         model, data = load_model(args.model, args.data_config, args.hashes)
         if args.segment_lengths or args.dilation_rates:
             model = rebuilt(

@@ -554,6 +554,7 @@ def test_export_refuses_an_unusable_output_before_reading_the_run(tmp_path, caps
         (["--output", str(UNWRITABLE / "eval.json")], "cannot write in /sys"),
         (["--output", "{tmp}/a-file/eval.json"], "a-file is a file, not a folder"),
         (["--depths", "0.5,deep"], "--depths '0.5,deep': not numbers"),
+        (["--data-config", "{tmp}/no-such.yaml"], "config file '{tmp}/no-such.yaml' does not"),
         (["--tasks", "perplexity,recall"], "--tasks: unknown recall"),
         (["--context-lengths", "1"], "--context-lengths must be integers >= 2"),
         (["--windows", "0"], "--windows and --batch-size must be >= 1"),
