@@ -111,12 +111,12 @@ def plot_evaluation(results: dict[str, dict], out: Path, prefix: str = "") -> li
 
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    curves = {
+    tasks = {
         "perplexity": ("context length (tokens)", "bits per byte", "bits_per_byte"),
         "positions": ("position in the window (bucket start)", "loss (nats/token)", "loss"),
         "copy": ("distance between the copies (tokens)", "loss on the 2nd copy (nats)", "loss"),
     }
-    for task, (xlabel, ylabel, key) in curves.items():
+    for task, (xlabel, ylabel, key) in tasks.items():
         runs = {label: r[task] for label, r in results.items() if task in r}
         if not runs:
             continue
