@@ -206,8 +206,11 @@ def deepspeed_config(config: Config, data_parallel: int) -> dict:
 
 def build_model(config: Config, grid, ds_config: dict, mpu) -> LongNetLM:
     """The model, with the same initial weights on every rank, its attention sequence-parallel
-    over grid.sp_group. ZeRO-3: each parameter is partitioned as soon as its module is built, so
-    no rank ever holds the whole model (the same values as an unpartitioned build)."""
+    over grid.sp_group. ZeRO-3: built inside DeepSpeed's public `zero.Init`, which partitions
+    each module's parameters as soon as the module is built, so no rank ever holds the whole
+    model. Every longnet module initialises its parameters in its own reset_parameters, which
+    its constructor calls while they are still whole: the same values as an unpartitioned
+    build, with no gathering."""
     import deepspeed
 
     attention_fn = functools.partial(sequence_parallel_dilated_attention, group=grid.sp_group)

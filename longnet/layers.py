@@ -13,6 +13,32 @@ from longnet.dilated import check_patterns, check_selection, dilated_attention
 AttentionFn = Callable[..., torch.Tensor]
 
 
+class MagnetoLinear(nn.Linear):
+    """nn.Linear with MAGNETO's initialisation (Wang et al. 2022, "Foundation Transformers",
+    section 2.2): xavier_normal_ per block of rows, each block with its own gain, bias zero.
+
+    `parts` lists (rows, gain): a fused projection (qkv, SwiGLU's fc1) is initialised per part,
+    each with its own fan-out, as the paper's separate projections would be.
+
+    NOTE: the initialisation lives in reset_parameters, which nn.Linear's constructor calls, so
+    it runs while the weight is whole even under a wrapper that partitions each module as soon
+    as it is built, and again from the model's `init_weights()` after a build on the meta
+    device.
+    """
+
+    def __init__(self, in_features: int, parts, bias: bool = True, device=None, dtype=None):
+        self.parts = tuple((int(rows), float(gain)) for rows, gain in parts)
+        rows = sum(r for r, _ in self.parts)
+        super().__init__(in_features, rows, bias=bias, device=device, dtype=dtype)
+
+    def reset_parameters(self) -> None:
+        blocks = self.weight.data.split([rows for rows, _ in self.parts])
+        for block, (_, gain) in zip(blocks, self.parts, strict=True):
+            nn.init.xavier_normal_(block, gain=gain)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
 class DilatedAttention(nn.Module):
     """Multi-head (grouped-query) self-attention with LongNet's dilated attention.
 
@@ -22,7 +48,8 @@ class DilatedAttention(nn.Module):
     output, as the seed documents. head_shift moves every head's offset to (head + shift) mod r;
     select_top_k > 0 adds the content-selected pattern (see dilated_attention).
     `attention_fn` replaces longnet.dilated_attention by anything with its signature, such as
-    the sequence-parallel version.
+    the sequence-parallel version. init_gain switches the projections from nn.Linear's default
+    initialisation to MAGNETO's (gain 1 on q and k, init_gain on v and the output projection).
     """
 
     def __init__(
@@ -45,6 +72,7 @@ class DilatedAttention(nn.Module):
         select_top_k: int = 0,
         select_block_size: int = 32,
         attention_fn: AttentionFn = dilated_attention,
+        init_gain: float | None = None,
     ):
         super().__init__()
         if (segment_lengths is None) != (dilation_rates is None):
@@ -77,10 +105,18 @@ class DilatedAttention(nn.Module):
         self.causal, self.softmax_scale, self.backend = causal, softmax_scale, backend
         self.head_shift = head_shift
         self.attention_fn = attention_fn
-        self.qkv = nn.Linear(d_model, (num_heads + 2 * num_kv_heads) * self.head_dim, bias=bias)
+        q_rows, kv_rows = num_heads * self.head_dim, num_kv_heads * self.head_dim
+        if init_gain is None:
+            self.qkv = nn.Linear(d_model, q_rows + 2 * kv_rows, bias=bias)
+        else:
+            parts = [(q_rows, 1.0), (kv_rows, 1.0), (kv_rows, init_gain)]
+            self.qkv = MagnetoLinear(d_model, parts, bias=bias)
         self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
-        self.out_proj = nn.Linear(d_model, d_model, bias=bias)
+        if init_gain is None:
+            self.out_proj = nn.Linear(d_model, d_model, bias=bias)
+        else:
+            self.out_proj = MagnetoLinear(d_model, [(d_model, init_gain)], bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

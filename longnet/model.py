@@ -14,7 +14,6 @@ one more LayerNorm before its output projection:
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import json
 import math
@@ -32,10 +31,25 @@ from longnet.config import BlockConfig, LongNetConfig
 from longnet.dilated import dilated_attention
 from longnet.generation import KVCache, LayerCache, check_sampling, decode_attention, sample_next
 from longnet.kernels import accumulation_dtype
-from longnet.layers import AttentionFn, DilatedAttention
+from longnet.layers import AttentionFn, DilatedAttention, MagnetoLinear
 from longnet.positions import make_positions, relative_positions
 
 IGNORE_INDEX = -100
+
+
+def magneto_gain(num_layers: int) -> float:
+    """MAGNETO's gamma = sqrt(log(2N)) (Wang et al. 2022, "Foundation Transformers", section
+    2.2), the gain of the value, output and FFN projections for encoder-only and decoder-only
+    models; q and k keep gain 1. Biases start at zero."""
+    return math.sqrt(math.log(2 * num_layers))
+
+
+def reset_submodules(model: nn.Module, skip=()) -> None:
+    """reset_parameters() of every submodule that has one (those in `skip` left out), in
+    construction order: from the same seed, the values the constructor draws."""
+    for module in model.modules():
+        if module is not model and module not in skip and hasattr(module, "reset_parameters"):
+            module.reset_parameters()
 
 
 class SelfAttention(DilatedAttention):
@@ -46,7 +60,13 @@ class SelfAttention(DilatedAttention):
     """
 
     def __init__(
-        self, config: BlockConfig, causal: bool, attention_fn: AttentionFn, positions, layer: int
+        self,
+        config: BlockConfig,
+        causal: bool,
+        attention_fn: AttentionFn,
+        positions,
+        layer: int,
+        gain: float,
     ):
         super().__init__(
             config.d_model,
@@ -65,6 +85,7 @@ class SelfAttention(DilatedAttention):
             select_top_k=config.select_top_k,
             select_block_size=config.select_block_size,
             attention_fn=attention_fn,
+            init_gain=gain,
         )
         self.positions = positions
         self.inner_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
@@ -96,13 +117,13 @@ class SelfAttention(DilatedAttention):
 class FeedForward(nn.Module):
     """(b, n, D) -> (b, n, D): fc1 -> GELU (or SwiGLU) -> LN -> fc2."""
 
-    def __init__(self, config: BlockConfig):
+    def __init__(self, config: BlockConfig, gain: float):
         super().__init__()
         self.swiglu = config.activation == "swiglu"
-        width = 2 * config.ffn_dim if self.swiglu else config.ffn_dim
-        self.fc1 = nn.Linear(config.d_model, width, bias=config.bias)
+        parts = (2 if self.swiglu else 1) * [(config.ffn_dim, gain)]  # SwiGLU: gate, up
+        self.fc1 = MagnetoLinear(config.d_model, parts, bias=config.bias)
         self.inner_norm = nn.LayerNorm(config.ffn_dim, eps=config.layer_norm_eps)
-        self.fc2 = nn.Linear(config.ffn_dim, config.d_model, bias=config.bias)
+        self.fc2 = MagnetoLinear(config.ffn_dim, [(config.d_model, gain)], bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -117,13 +138,19 @@ class FeedForward(nn.Module):
 
 class TransformerBlock(nn.Module):
     def __init__(
-        self, config: BlockConfig, causal: bool, attention_fn: AttentionFn, positions, layer: int
+        self,
+        config: BlockConfig,
+        causal: bool,
+        attention_fn: AttentionFn,
+        positions,
+        layer: int,
+        gain: float,
     ):
         super().__init__()
         self.attn_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
-        self.attn = SelfAttention(config, causal, attention_fn, positions, layer)
+        self.attn = SelfAttention(config, causal, attention_fn, positions, layer, gain)
         self.ffn_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
-        self.ffn = FeedForward(config)
+        self.ffn = FeedForward(config, gain)
 
     def forward(
         self, x: torch.Tensor, encoding: tuple = (), cache: LayerCache | None = None
@@ -132,63 +159,17 @@ class TransformerBlock(nn.Module):
         return x + self.ffn(self.ffn_norm(x))
 
 
-@contextlib.contextmanager
-def gathered(params):
-    """Whole tensors for parameters that DeepSpeed's ZeRO-3 `zero.Init` partitioned as their module
-    was built (a no-op for ordinary ones), for an initialisation that overwrites every element.
-
-    NOTE: every rank runs the same initialisation from the same seed, so each one materialises
-    the tensors locally, uninitialised (no all-gather), and keeps its partition of the result:
-    a few parameters are whole at a time, never the model.
-    """
-    params = [p for p in params if hasattr(p, "ds_id")]
-    if not params:
-        yield
-        return
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-    for param in params:
-        param.data = torch.empty(param.ds_shape, dtype=param.dtype, device=param.ds_tensor.device)
-        param.ds_status = ZeroParamStatus.AVAILABLE
-    yield
-    params[0].partition(param_list=params, has_been_updated=True)
-
-
 class TransformerStack(nn.ModuleList):
-    """N blocks with MAGNETO's initialisation, run with activation checkpointing if configured."""
+    """N blocks with MAGNETO's initialisation (see magneto_gain), run with activation
+    checkpointing if configured."""
 
     def __init__(self, config: BlockConfig, causal: bool, attention_fn: AttentionFn, positions):
+        gain = magneto_gain(config.num_layers)
         super().__init__(
-            TransformerBlock(config, causal, attention_fn, positions, layer)
+            TransformerBlock(config, causal, attention_fn, positions, layer, gain)
             for layer in range(config.num_layers)
         )
         self.checkpointing = config.activation_checkpointing
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        # NOTE: MAGNETO's initialisation (Wang et al. 2022, "Foundation Transformers", section
-        # 2.2): xavier_normal_ everywhere, with gain gamma = sqrt(log(2N)) on the value, output
-        # and FFN projections (gamma for encoder-only and decoder-only models); q and k keep
-        # gain 1. Biases start at zero. The fused qkv and SwiGLU's fc1 are initialised per part,
-        # each with its own fan-out, as the separate projections of the paper would be.
-        gamma = math.sqrt(math.log(2 * len(self)))
-        for block in self:
-            attn = block.attn
-            linears = (attn.qkv, attn.out_proj, block.ffn.fc1, block.ffn.fc2)
-            with gathered(p for linear in linears for p in linear.parameters()):
-                q, k, v = attn.qkv.weight.data.split(
-                    [attn.num_heads * attn.head_dim, *2 * [attn.num_kv_heads * attn.head_dim]]
-                )
-                nn.init.xavier_normal_(q)
-                nn.init.xavier_normal_(k)
-                nn.init.xavier_normal_(v, gain=gamma)
-                nn.init.xavier_normal_(attn.out_proj.weight, gain=gamma)
-                for part in block.ffn.fc1.weight.data.chunk(2 if block.ffn.swiglu else 1):
-                    nn.init.xavier_normal_(part, gain=gamma)
-                nn.init.xavier_normal_(block.ffn.fc2.weight, gain=gamma)
-                for linear in linears:
-                    if linear.bias is not None:
-                        nn.init.zeros_(linear.bias)
 
     def forward(
         self, x: torch.Tensor, encoding: tuple = (), cache: KVCache | None = None
@@ -201,6 +182,23 @@ class TransformerStack(nn.ModuleList):
             else:
                 x = block(x, encoding)
         return x
+
+
+class ScaledEmbedding(nn.Embedding):
+    """nn.Embedding ~ N(0, 1/D), torchscale's MAGNETO decoder (unscaled in the forward)."""
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=self.embedding_dim**-0.5)
+
+
+class LMHead(nn.Linear):
+    """The untied LM head, ~ N(0, 1/D) as the embeddings, without bias."""
+
+    def __init__(self, d_model: int, vocab_size: int):
+        super().__init__(d_model, vocab_size, bias=False)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=self.in_features**-0.5)
 
 
 # Most logits (tokens x vocabulary) the chunked loss holds at once: 128 MiB in float32.
@@ -283,6 +281,12 @@ class LongNetLM(nn.Module):
     sequence-parallel one); it is called as dilated_attention is, on q and k that already carry
     their positional encoding (ALiBi widens them by 8 dims, and v with them, with the scale
     passed explicitly). The model makes no torch.distributed call.
+
+    Every parameter is initialised by its module's reset_parameters as the module is built, so
+    a wrapper that shards modules as they are built keeps the same values. Built on the meta
+    device (`with torch.device("meta"): LongNetLM(config)`), it holds no memory until
+    `to_empty(device=...)` and `init_weights()`, which draw what the constructor would have
+    drawn from the same seed.
     """
 
     def __init__(self, config: LongNetConfig, attention_fn: AttentionFn = dilated_attention):
@@ -297,18 +301,22 @@ class LongNetLM(nn.Module):
             config.rotary_base,
             config.xpos_scale_base,
         )
-        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.embed = ScaledEmbedding(config.vocab_size, config.d_model)
         self.blocks = TransformerStack(config, True, attention_fn, self.positions)
         self.norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        # torchscale's MAGNETO decoder: embeddings (and an untied head) ~ N(0, 1/D), unscaled.
-        with gathered([self.embed.weight]):
-            nn.init.normal_(self.embed.weight, std=config.d_model**-0.5)
-        if config.tie_embeddings:
+        self.lm_head = LMHead(config.d_model, config.vocab_size)
+        self._tie_weights()
+
+    def _tie_weights(self) -> None:
+        if self.config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        else:
-            with gathered([self.lm_head.weight]):
-                nn.init.normal_(self.lm_head.weight, std=config.d_model**-0.5)
+
+    def init_weights(self) -> None:
+        """Initialise every parameter as the constructor does (the same values from the same
+        seed): for a model built on the meta device, after to_empty(), which unties a tied
+        head (tied again here)."""
+        self._tie_weights()
+        reset_submodules(self, skip=(self.lm_head,) if self.config.tie_embeddings else ())
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Distinct parameters (a tied head counts once); exclude_embeddings drops the

@@ -24,7 +24,7 @@ from torch import nn
 from longnet.config import LongNetViTConfig
 from longnet.dilated import dilated_attention
 from longnet.layers import AttentionFn
-from longnet.model import TransformerStack
+from longnet.model import TransformerStack, reset_submodules
 from longnet.positions import NoPositions
 
 
@@ -66,6 +66,10 @@ class LongNetViT(nn.Module):
         self.blocks = TransformerStack(config, False, attention_fn, NoPositions())
         self.norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.head = nn.Linear(config.d_model, config.num_classes)
+
+    def init_weights(self) -> None:
+        """As LongNetLM.init_weights: for a model built on the meta device, after to_empty()."""
+        reset_submodules(self)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> ViTOutput:
         config = self.config

@@ -267,6 +267,24 @@ def test_magneto_initialisation():
     assert model.lm_head.weight is model.embed.weight
 
 
+@pytest.mark.parametrize("tie_embeddings", [True, False])
+def test_a_model_built_on_the_meta_device_initialises_to_the_constructors_values(tie_embeddings):
+    """Built on meta (no memory), moved with to_empty and init_weights(): from the same seed,
+    every parameter equals an ordinary build's, and a tied head stays tied."""
+    config = small_config(tie_embeddings=tie_embeddings, activation="swiglu", qk_norm=True)
+    torch.manual_seed(0)
+    built = LongNetLM(config)
+    with torch.device("meta"):
+        model = LongNetLM(config)
+    assert all(p.is_meta for p in model.parameters())
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    model.init_weights()
+    expected = built.state_dict()
+    assert all(torch.equal(value, expected[name]) for name, value in model.state_dict().items())
+    assert (model.lm_head.weight is model.embed.weight) == tie_embeddings
+
+
 def test_tiny_lm_overfits_a_fixed_batch():
     torch.manual_seed(0)
     config = LongNetConfig(
