@@ -285,6 +285,33 @@ def test_a_model_built_on_the_meta_device_initialises_to_the_constructors_values
     assert (model.lm_head.weight is model.embed.weight) == tie_embeddings
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_whole_model_compiles_with_fullgraph_and_matches_eager(backend):
+    """torch.compile(fullgraph=True) of a LongNetLM's loss forward and backward (the trainer's
+    call, chunked loss included): no graph break, the eager loss and gradients. aot_eager
+    traces the graph and its backward in seconds; inductor also generates code (minutes on 2
+    cores, so it is in the slow tier)."""
+    config = small_config(activation="swiglu", qk_norm=True)
+    torch.manual_seed(0)
+    model = LongNetLM(config)
+    tokens = random_tokens(config, 2, 33)
+
+    def loss_and_grads(fn):
+        model.zero_grad()
+        loss = fn(tokens[:, :-1], tokens[:, 1:], return_logits=False).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    torch._dynamo.reset()
+    compiled_loss, compiled_grads = loss_and_grads(
+        torch.compile(model, fullgraph=True, backend=backend)
+    )
+    eager_loss, eager_grads = loss_and_grads(model)
+    assert abs(compiled_loss - eager_loss) < 1e-5
+    for compiled_grad, eager_grad in zip(compiled_grads, eager_grads, strict=True):
+        assert (compiled_grad - eager_grad).abs().max() < 1e-5
+
+
 def test_tiny_lm_overfits_a_fixed_batch():
     torch.manual_seed(0)
     config = LongNetConfig(
