@@ -71,7 +71,7 @@ def pattern_masses(q, k, query: int, keys: list[int], config) -> torch.Tensor:
     if config.select_top_k:
         chosen = selected(
             q[None, : query + 1], k[None, : query + 1], config.select_block_size,
-            config.select_top_k,
+            config.select_top_k, config.segment_lengths[0],
         )  # fmt: skip
         masks.append(chosen[0, :, query] > 0)
     lse = torch.stack([torch.logsumexp(scores.masked_fill(~m, -math.inf), -1) for m in masks], -1)

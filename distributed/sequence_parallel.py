@@ -142,10 +142,12 @@ class _SequenceParallelFunction(torch.autograd.Function):
         sent, got = sum(plan.send_counts) * entry_bytes, sum(plan.recv_counts) * entry_bytes
         keys = values = None
         if chosen_blocks:
-            top_k, block_size, rank, world = chosen_blocks
+            top_k, block_size, window, rank, world = chosen_blocks
             keys, values = _keys_before(k, v, group, rank, world)
             offset = rank * q.shape[1]
-            part = selection.forward(q, keys, values, block_size, top_k, scale, kernel, offset)
+            part = selection.forward(
+                q, keys, values, block_size, top_k, window, scale, kernel, offset
+            )
             out, lse = selection.mix(out, lse, *part)
             out = out.to(q.dtype)
             shard_bytes = k.numel() * 2 * k.element_size()
@@ -177,11 +179,11 @@ class _SequenceParallelFunction(torch.autograd.Function):
         entry_bytes = 2 * q.shape[0] * q.shape[-1] * lse.element_size()
         sent, got = sum(plan.recv_counts) * entry_bytes, sum(plan.send_counts) * entry_bytes
         if ctx.chosen_blocks:
-            top_k, block_size, rank, world = ctx.chosen_blocks
+            top_k, block_size, window, rank, world = ctx.chosen_blocks
             offset = rank * q.shape[1]
             grad_q, grad_keys, grad_values = selection.backward(
-                grad_out, q, keys, values, out, lse, block_size, top_k, ctx.scale, ctx.kernel,
-                offset,
+                grad_out, q, keys, values, out, lse, block_size, top_k, window, ctx.scale,
+                ctx.kernel, offset,
             )  # fmt: skip
             grad_k, grad_v = _return_to_owners(
                 torch.stack([grad_keys, grad_values]), ctx.group, rank, world
@@ -329,7 +331,9 @@ def sequence_parallel_dilated_attention(
     shard_len, heads, kv_heads = q.shape[1], q.shape[2], k.shape[2]
     _effective_segment_lengths(patterns, shard_len, world)
     plan = make_plan(shard_len, heads, kv_heads, patterns, causal, head_shift, rank, world)
-    chosen_blocks = (select_top_k, select_block_size, rank, world) if select_top_k else None
+    chosen_blocks = None
+    if select_top_k:  # the pattern's arguments, the first segment length and this rank's place
+        chosen_blocks = (select_top_k, select_block_size, patterns[0][0], rank, world)
     if not plan.exchanges and (world == 1 or not chosen_blocks):
         # no key comes from another rank (also P = 1): one device's op on the shard
         _record(Communication())

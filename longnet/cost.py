@@ -3,7 +3,7 @@
 What a kernel that skips everything the semantics exclude computes (docs/semantics.md): for a
 dilated pattern (w, r), each head's kept queries against the kept keys of their segment (the
 causal half with `causal`); for the content-selected pattern, each query's score against every
-complete earlier block (one pooled key each) plus the select_top_k * select_block_size keys it
+candidate block (one pooled key each) plus the select_top_k * select_block_size keys it
 attends. Averaged over heads and tokens, summed over patterns. Dense causal attention over n
 tokens costs (n + 1) / 2.
 """
@@ -31,13 +31,15 @@ def dilated_pairs(seq_len: int, heads: int, w: int, r: int, causal: bool, shift:
     return total
 
 
-def selected_pairs(seq_len: int, top_k: int, block_size: int) -> int:
+def selected_pairs(seq_len: int, top_k: int, block_size: int, window: int) -> int:
     """Pairs the content-selected pattern computes per head over a sequence: scores against
-    the complete earlier blocks and the chosen blocks' keys."""
+    the candidate blocks (those that end by the start of the query's segment of `window`
+    tokens) and the chosen blocks' keys."""
     total = 0
-    for block in range(-(-seq_len // block_size)):
-        queries = min(block_size, seq_len - block * block_size)
-        total += queries * (block + min(top_k, block) * block_size)  # block: earlier blocks
+    for segment in range(-(-seq_len // window)):
+        queries = min(window, seq_len - segment * window)
+        blocks = segment * window // block_size
+        total += queries * (blocks + min(top_k, blocks) * block_size)
     return total
 
 
@@ -58,5 +60,6 @@ def pairs_per_token(
         for w, r in zip(segment_lengths, dilation_rates, strict=True)
     )
     if select_top_k:
-        total += heads * selected_pairs(seq_len, select_top_k, select_block_size)
+        window = segment_lengths[0]
+        total += heads * selected_pairs(seq_len, select_top_k, select_block_size, window)
     return total / (heads * seq_len)

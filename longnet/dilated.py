@@ -160,7 +160,8 @@ def _attention_op(
         return out, lse
     acc = accumulation_dtype(q.dtype)
     out, lse, _ = engine.forward(q, k, v, plan, scale=scale, kernel=kernel, out_dtype=acc)
-    chosen = selection.forward(q, k, v, select_block_size, select_top_k, scale, kernel)
+    window = segment_lengths[0]
+    chosen = selection.forward(q, k, v, select_block_size, select_top_k, window, scale, kernel)
     out, lse = selection.mix(out, lse, *chosen)
     return out.to(q.dtype), lse
 
@@ -186,8 +187,9 @@ def _attention_backward_op(
     grads = engine.backward(grad_out, q, k, v, out, lse, None, plan, scale=scale, kernel=kernel)
     if not select_top_k:
         return grads
+    window = segment_lengths[0]
     chosen = selection.backward(
-        grad_out, q, k, v, out, lse, select_block_size, select_top_k, scale, kernel
+        grad_out, q, k, v, out, lse, select_block_size, select_top_k, window, scale, kernel
     )
     return tuple((a + b).to(a.dtype) for a, b in zip(grads, chosen, strict=True))
 
@@ -246,7 +248,8 @@ def dilated_attention(
 
     select_top_k > 0 adds the content-selected pattern (longnet/selection.py, causal only): each
     query also attends the select_top_k complete blocks of select_block_size tokens before its
-    own block that score highest by q . mean(k of the block), mixed by Eq. 10 as one more pattern.
+    segment of the first pattern that score highest by q . mean(k of the block), mixed by Eq. 10
+    as one more pattern.
     """
     patterns, scale, kernel = check_arguments(
         q, k, v, segment_lengths, dilation_rates, causal, softmax_scale, backend, head_shift

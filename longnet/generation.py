@@ -23,7 +23,7 @@ from einops import rearrange
 
 from longnet.kernels import accumulation_dtype
 from longnet.plan import keeps
-from longnet.selection import block_means, select_blocks
+from longnet.selection import block_means, candidates, select_blocks
 
 
 class LayerCache:
@@ -107,10 +107,13 @@ def decode_attention(
     heads, kv_heads = q.shape[2], keys.shape[2]
     counts = visible_counts(position, first_key, heads, patterns, head_shift, q.device)  # (h, s)
     dtype = accumulation_dtype(q.dtype)
-    if select_top_k and position >= select_block_size:
+    window = patterns[0][0]  # candidates end by the start of the first pattern's segment
+    if select_top_k and candidates(position, window, select_block_size) > 0:
         means = block_means(keys, select_block_size)  # (b, m, g, d)
         at = torch.tensor([position], device=q.device)
-        index, valid = select_blocks(q.to(dtype), means, at, select_block_size, select_top_k)
+        index, valid = select_blocks(
+            q.to(dtype), means, at, select_block_size, select_top_k, window
+        )
         index, valid = index[:, 0], valid[:, 0]  # (b, h, k)
         blocks = torch.zeros(*index.shape[:2], means.shape[1] + 1, device=q.device)
         blocks.scatter_(-1, torch.where(valid, index, means.shape[1]), 1.0)  # (b, h, m + 1)

@@ -36,17 +36,18 @@ def multiplicity(
     return counts
 
 
-def selected(q, k, block_size: int, top_k: int) -> torch.Tensor:
+def selected(q, k, block_size: int, top_k: int, window: int) -> torch.Tensor:
     """(b, h, seq, seq) 1 where the content-selected pattern lets query i see key j: j lies in one
-    of the top_k complete blocks before i's block, ranked by q_i . mean(k of the block); float64
-    q (b, n, h, d) and k (b, n, h, d) (kv heads already repeated)."""
+    of the top_k complete blocks that end by the start of i's segment of `window` tokens (the
+    first pattern's), ranked by q_i . mean(k of the block); float64 q (b, n, h, d) and k
+    (b, n, h, d) (kv heads already repeated)."""
     q, k = q.detach(), k.detach()  # the choice is piecewise constant: no gradient through it
     batch, seq_len, heads, _ = q.shape
     counts = torch.zeros(batch, heads, seq_len, seq_len, dtype=torch.float64)
     for b in range(batch):
         for head in range(heads):
             for i in range(seq_len):
-                earlier = i // block_size  # complete blocks 0 .. earlier - 1
+                earlier = (i - i % window) // block_size  # blocks 0 .. earlier - 1
                 scores = [
                     float(q[b, i, head] @ k[b, j * block_size : (j + 1) * block_size, head].mean(0))
                     for j in range(earlier)
@@ -82,7 +83,8 @@ def dense_dilated_attention(
     )
     counts = counts.to(q.device)
     if select_top_k:
-        counts = counts + selected(q, k, select_block_size, select_top_k).to(q.device)
+        window = segment_lengths[0]
+        counts = counts + selected(q, k, select_block_size, select_top_k, window).to(q.device)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale + counts.log()  # counts: (h|b h, q, k)
     # A query no pattern keeps has no key at all: its row is zero (and its gradient too).
     covered = (counts.sum(-1, keepdim=True) > 0).expand_as(scores)

@@ -1,9 +1,10 @@
 """The content-selected pattern: each query reads the top-k key blocks of its causal past.
 
 A pattern beside LongNet's dilated ones (a model option; docs/semantics.md), after MoBA and NSA:
-the sequence is cut into blocks of `block_size` tokens; a query at position p, in block p // B,
-scores every COMPLETE earlier block j < p // B by q . mean(k of block j) and attends, densely, the
-keys of its `top_k` best blocks (all of them while fewer exist). Its output and log-sum-exp mix
+the sequence is cut into blocks of `block_size` tokens; a query at position p scores every
+complete block that ends by the start of its segment of the first pattern (w_1: the keys it
+sees anyway; blocks j < (p // w_1 * w_1) // B) by q . mean(k of block j) and attends, densely,
+the keys of its `top_k` best blocks (all of them while fewer exist). Its output and log-sum-exp mix
 with the dilated patterns' by Eq. 10, as one more pattern. The dilated patterns reach far keys at
 fixed positions; this one reaches them by content, so the long jump is the same circuit as a
 short one. Cost per query: the candidate blocks scored plus top_k * B keys attended, linear in n.
@@ -39,8 +40,19 @@ def block_means(k: torch.Tensor, block_size: int) -> torch.Tensor:
     return blocks.to(accumulation_dtype(k.dtype)).mean(2)
 
 
+def candidates(positions, window: int, block_size: int):
+    """How many complete blocks a query at each position chooses from: those that end by the
+    start of its segment of `window` tokens (the first pattern's, whose keys it sees anyway)."""
+    return positions // window * window // block_size
+
+
 def select_blocks(
-    q: torch.Tensor, means: torch.Tensor, positions: torch.Tensor, block_size: int, top_k: int
+    q: torch.Tensor,
+    means: torch.Tensor,
+    positions: torch.Tensor,
+    block_size: int,
+    top_k: int,
+    window: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The blocks each query reads: index (b, c, h, k) into the m blocks, and whether each slot is
     a real choice (b, c, h, k) (False where fewer than k blocks lie before the query's block).
@@ -50,11 +62,11 @@ def select_blocks(
     heads, kv_heads, m = q.shape[2], means.shape[2], means.shape[1]
     means = means.repeat_interleave(heads // kv_heads, dim=2)  # (b, m, h, d)
     scores = torch.einsum("bchd,bmhd->bchm", q.to(means.dtype), means)  # (b, c, h, m)
-    own_block = positions // block_size  # (c,)
-    candidate = torch.arange(m, device=q.device) < own_block[:, None]  # (c, m)
+    limit = candidates(positions, window, block_size)  # (c,)
+    candidate = torch.arange(m, device=q.device) < limit[:, None]  # (c, m)
     scores = scores.masked_fill(~candidate[:, None], -math.inf)
     index = scores.topk(min(top_k, m), dim=-1).indices  # (b, c, h, k)
-    return index, index < own_block[:, None, None]
+    return index, index < limit[:, None, None]
 
 
 def _flat_index(index: torch.Tensor, kv_heads: int, m: int) -> torch.Tensor:
@@ -84,17 +96,17 @@ def masks(n: int, block_size: int, top_k: int, kernel: str) -> bool:
 class _Chunk:
     """The queries start .. end - 1 with the blocks they chose."""
 
-    def __init__(self, q, means, start, end, block_size, top_k, query_offset):
-        self.end, self.block_size = query_offset + end, block_size  # end: a token position
+    def __init__(self, q, means, start, end, block_size, top_k, window, query_offset):
+        self.end, self.block_size, self.window = query_offset + end, block_size, window
         self.q = q[:, start:end]  # (b, c, h, d)
         positions = torch.arange(start, end, device=q.device) + query_offset
-        self.index, self.valid = select_blocks(self.q, means, positions, block_size, top_k)
+        self.index, self.valid = select_blocks(self.q, means, positions, block_size, top_k, window)
         self.blocks = means.shape[1]
 
     def mask(self, dtype) -> torch.Tensor:
         """(b, h, c, S) 0 on the chosen blocks' keys, -inf elsewhere, over the S = blocks * B
         keys of the complete blocks before the chunk's last query."""
-        blocks = min(self.blocks, (self.end - 1) // self.block_size)
+        blocks = min(self.blocks, candidates(self.end - 1, self.window, self.block_size))
         index = torch.where(self.valid, self.index, self.blocks).transpose(1, 2)  # (b, h, c, k)
         shape = (*index.shape[:3], self.blocks + 1)
         per_block = torch.full(shape, -math.inf, dtype=dtype, device=index.device)
@@ -115,20 +127,23 @@ def _kernel_layout(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.repeat_interleave(heads // x.shape[1], dim=1) if x.shape[1] != heads else x
 
 
-def _chunks(q: torch.Tensor, keys: int, query_offset: int, block_size, top_k, masked: bool):
-    """Ranges of q's rows from the second block on (the first chooses nothing) whose masks or
-    gathered keys stay within CHUNK_ELEMENTS."""
+def _chunks(q: torch.Tensor, keys: int, query_offset: int, block_size, top_k, window, masked):
+    """Ranges of q's rows from the first that has a candidate block on (earlier ones choose
+    nothing) whose masks or gathered keys stay within CHUNK_ELEMENTS."""
     batch, n, heads, dim = q.shape
     per_query = batch * heads * (keys if masked else 2 * top_k * block_size * dim)
     step = max(1, CHUNK_ELEMENTS // max(1, per_query))
-    first = max(0, block_size - query_offset)
+    first = max(0, -(-block_size // window) * window - query_offset)
     return [(start, min(start + step, n)) for start in range(first, n, step)]
 
 
-def forward(q, k, v, block_size: int, top_k: int, scale: float, kernel="math", query_offset=0):
+def forward(
+    q, k, v, block_size: int, top_k: int, window: int, scale: float, kernel="math", query_offset=0
+):
     """The pattern alone, causal: q (b, n, h, d), k and v (b, s, g, d) -> out (b, n, h, d) and
-    lse (b, n, h) in the accumulation dtype; lse is -inf (and out 0) for the queries of the first
-    block, which have no complete earlier block. k and v hold the keys of positions 0 .. s - 1,
+    lse (b, n, h) in the accumulation dtype; lse is -inf (and out 0) for the queries with no
+    candidate block (those of the first segment of `window` = w_1 tokens). k and v hold the
+    keys of positions 0 .. s - 1,
     q the queries of positions query_offset .. query_offset + n - 1 (sequence parallelism:
     the shard's queries against the keys up to its end). kernel: longnet.kernels' name of the
     fused kernel for the masked form."""
@@ -139,8 +154,8 @@ def forward(q, k, v, block_size: int, top_k: int, scale: float, kernel="math", q
     heads, kv_heads = q.shape[2], k.shape[2]
     masked = masks(k.shape[1], block_size, top_k, kernel)
     tables = None if masked else tuple(_table(x.to(acc), block_size) for x in (k, v))
-    for start, end in _chunks(q, k.shape[1], query_offset, block_size, top_k, masked):
-        chunk = _Chunk(q, means, start, end, block_size, top_k, query_offset)
+    for start, end in _chunks(q, k.shape[1], query_offset, block_size, top_k, window, masked):
+        chunk = _Chunk(q, means, start, end, block_size, top_k, window, query_offset)
         if masked:
             mask = chunk.mask(q.dtype)
             keys, values = (_kernel_layout(x[:, : mask.shape[-1]], heads) for x in (k, v))
@@ -154,7 +169,7 @@ def forward(q, k, v, block_size: int, top_k: int, scale: float, kernel="math", q
         keys, values = (chunk.gather(table, kv_heads) for table in tables)  # (b, c, h, S, d)
         scores = torch.einsum("bchd,bchsd->bchs", chunk.q.to(acc), keys) * scale
         scores = scores.masked_fill(~_allowed(chunk), -math.inf)
-        part_lse = torch.logsumexp(scores, dim=-1)  # (b, c, h): finite past the first block
+        part_lse = torch.logsumexp(scores, dim=-1)  # (b, c, h): finite, every row has a candidate
         out[:, start:end] = torch.einsum(
             "bchs,bchsd->bchd", torch.exp(scores - part_lse.unsqueeze(-1)), values
         )
@@ -168,8 +183,8 @@ def _allowed(chunk: _Chunk) -> torch.Tensor:
 
 
 def backward(
-    grad_out, q, k, v, out, lse, block_size: int, top_k: int, scale: float, kernel="math",
-    query_offset=0,
+    grad_out, q, k, v, out, lse, block_size: int, top_k: int, window: int, scale: float,
+    kernel="math", query_offset=0,
 ):  # fmt: skip
     """(dq, dk, dv) in the accumulation dtype of the pattern's part of the MIXED attention, from
     the mixed out (b, n, h, d) and lse (b, n, h): the softmax over all patterns' keys."""
@@ -183,8 +198,8 @@ def backward(
     if not masked:
         tables = tuple(_table(x.to(acc), block_size) for x in (k, v))
         grad_tables = tuple(torch.zeros_like(table) for table in tables)
-    for start, end in _chunks(q, n, query_offset, block_size, top_k, masked):
-        chunk = _Chunk(q, means, start, end, block_size, top_k, query_offset)
+    for start, end in _chunks(q, n, query_offset, block_size, top_k, window, masked):
+        chunk = _Chunk(q, means, start, end, block_size, top_k, window, query_offset)
         if masked:
             mask = chunk.mask(q.dtype)
             size = mask.shape[-1]

@@ -22,9 +22,10 @@ CASES = {
     "local_plus_choice": (2, 64, 4, 4, 8, [16], [1], 2, 8),
     "paper_patterns": (1, 64, 4, 2, 8, [8, 16, 32], [1, 2, 4], 3, 8),
     "odd_length_and_block": (2, 53, 2, 1, 4, [8], [1], 3, 5),
-    "top_k_above_blocks": (1, 40, 3, 3, 6, [64], [4], 10, 7),
+    "top_k_above_blocks": (1, 40, 3, 3, 6, [8], [4], 10, 7),
     "shorter_than_a_block": (1, 9, 2, 2, 4, [4], [1], 2, 16),
-    "dilated_only_far": (1, 48, 4, 4, 8, [48], [6], 1, 4),
+    "dilated_first_pattern": (1, 48, 4, 4, 8, [12, 48], [3, 6], 1, 4),
+    "window_not_a_multiple_of_the_block": (1, 50, 2, 2, 4, [10], [1], 2, 4),
 }
 
 
@@ -79,10 +80,10 @@ def test_reference_choice_is_by_content():
     k = torch.zeros(1, 12, 1, 2, dtype=torch.float64)
     q[0, 11, 0] = torch.tensor([1.0, 0.0])
     k[0, 4:8, 0] = torch.tensor([5.0, 0.0])  # block 1 of 4 tokens
-    chosen = selection.select_blocks(
-        q[:, 11:], selection.block_means(k, 4), torch.tensor([11]), 4, 1
-    )
+    means = selection.block_means(k, 4)
+    chosen = selection.select_blocks(q[:, 11:], means, torch.tensor([11]), 4, 1, 8)
     assert chosen[0].flatten().tolist() == [1]
+    assert selected(q, k, 4, 1, 8)[0, 0, 11].nonzero().flatten().tolist() == [4, 5, 6, 7]
 
 
 @pytest.mark.parametrize(
@@ -185,12 +186,13 @@ def test_pairs_count_what_the_reference_lets_through(n, lengths, rates, shift, c
 
 
 def test_selected_pairs_and_the_issue_figures():
-    n, heads, top_k, block = 45, 2, 3, 4
+    n, heads, top_k, block, window = 45, 2, 3, 4, 6
     q = torch.randn(1, n, heads, 4, dtype=torch.float64)
-    attended = selected(q, q, block, top_k).sum().item()
-    scored = heads * sum(min(p // block, n // block) for p in range(n))
-    total = pairs_per_token(n, heads, [1], [1], select_top_k=top_k, select_block_size=block)
-    assert total == 1 + (attended + scored) / (heads * n)  # [1], [1]: each token itself
+    attended = selected(q, q, block, top_k, window).sum().item()
+    scored = heads * sum(p // window * window // block for p in range(n))
+    total = pairs_per_token(n, heads, [window], [6], select_top_k=top_k, select_block_size=block)
+    local = pairs_per_token(n, heads, [window], [6])
+    assert total == local + (attended + scored) / (heads * n)
     assert pairs_per_token(8192, 4, [8192], [1]) == 4096.5  # dense causal
     paper = pairs_per_token(8192, 4, [256, 512, 1024, 2048, 4096, 8192], [1, 2, 4, 8, 16, 32])
     assert 250 < paper < 255
