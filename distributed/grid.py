@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
+from longnet.checks import positive_int
+
 
 @dataclass(frozen=True)
 class ParallelDims:
@@ -23,9 +25,7 @@ class ParallelDims:
 
     def __post_init__(self):
         for name in ("data_parallel", "sequence_parallel", "world_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            positive_int(name, getattr(self, name))
         if self.data_parallel * self.sequence_parallel != self.world_size:
             raise ValueError(
                 f"data_parallel ({self.data_parallel}) x sequence_parallel "

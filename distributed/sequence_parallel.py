@@ -19,13 +19,8 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from longnet import engine, selection
-from longnet.dilated import (
-    check_arguments,
-    check_flag,
-    check_patterns,
-    check_selection,
-    dilated_attention,
-)
+from longnet.checks import flag
+from longnet.dilated import attend, check_arguments, check_patterns, kernel_for
 from longnet.kernels import accumulation_dtype
 from longnet.plan import make_plan
 
@@ -325,9 +320,9 @@ def sequence_parallel_dilated_attention(
         description = _describe(*arguments, head_shift)
         description["select_top_k, select_block_size"] = repr((select_top_k, select_block_size))
         _check_ranks_agree(description, group, world)
-    patterns, scale, kernel = check_arguments(*arguments, head_shift)
-    overlap = default_overlap(group) if overlap is None else check_flag("overlap", overlap)
-    check_selection(select_top_k, select_block_size, causal)
+    patterns, scale = check_arguments(*arguments, head_shift, select_top_k, select_block_size)
+    kernel = kernel_for(backend, q, causal)
+    overlap = default_overlap(group) if overlap is None else flag("overlap", overlap)
     shard_len, heads, kv_heads = q.shape[1], q.shape[2], k.shape[2]
     _effective_segment_lengths(patterns, shard_len, world)
     plan = make_plan(shard_len, heads, kv_heads, patterns, causal, head_shift, rank, world)
@@ -335,16 +330,16 @@ def sequence_parallel_dilated_attention(
     if select_top_k:  # the pattern's arguments, the first segment length and this rank's place
         chosen_blocks = (select_top_k, select_block_size, patterns[0][0], rank, world)
     if not plan.exchanges and (world == 1 or not chosen_blocks):
-        # no key comes from another rank (also P = 1): one device's op on the shard
+        # no key comes from another rank (also P = 1): one device's op on the shard, on the
+        # arguments checked above
         _record(Communication())
-        return dilated_attention(
+        return attend(
             q,
             k,
             v,
-            segment_lengths,
-            dilation_rates,
+            patterns,
             causal=causal,
-            softmax_scale=softmax_scale,
+            scale=scale,
             backend=backend,
             head_shift=head_shift,
             select_top_k=select_top_k,

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import operator
 from dataclasses import dataclass
 
+from longnet.checks import choice, flag, int_at_least, positive_float, positive_int
 from longnet.dilated import check_patterns
 from longnet.kernels import BACKENDS
 from longnet.positions import POSITIONS, xpos_max_exponent
@@ -20,38 +20,6 @@ XPOS_MAX_EXPONENT = 80.0
 
 PAPER_SEGMENT_LENGTHS = (2048, 4096, 8192, 16384, 32768)
 PAPER_DILATION_RATES = (1, 2, 4, 6, 12)
-
-
-def positive_int(name: str, value) -> int:
-    """value as an int >= 1; a ValueError naming `name` otherwise (also used by launch/)."""
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be a positive int, got {value!r}") from None
-    if value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def _positive_float(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
-    return float(value)
-
-
-def _bool(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
-    return value
-
-
-def choice(name: str, value, choices: tuple[str, ...]) -> str:
-    """value if it is in choices; a ValueError naming `name` otherwise (also used by launch/)."""
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-    return value
 
 
 @dataclass(kw_only=True)
@@ -107,13 +75,10 @@ class BlockConfig:
         patterns = check_patterns(self.segment_lengths, self.dilation_rates)
         self.segment_lengths = tuple(w for w, _ in patterns)
         self.dilation_rates = tuple(r for _, r in patterns)
-        if isinstance(self.select_top_k, bool) or not isinstance(self.select_top_k, int):
-            raise ValueError(f"select_top_k must be an int >= 0, got {self.select_top_k!r}")
-        if self.select_top_k < 0:
-            raise ValueError(f"select_top_k must be an int >= 0, got {self.select_top_k!r}")
+        self.select_top_k = int_at_least("select_top_k", self.select_top_k, 0)
         self.select_block_size = positive_int("select_block_size", self.select_block_size)
         for name in ("qk_norm", "bias", "activation_checkpointing", "shift_heads_by_layer"):
-            _bool(name, getattr(self, name))
+            flag(name, getattr(self, name))
         choice("activation", self.activation, ACTIVATIONS)
         choice("backend", self.backend, BACKENDS)
         dropout = self.dropout
@@ -121,7 +86,7 @@ class BlockConfig:
             raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        self.layer_norm_eps = _positive_float("layer_norm_eps", self.layer_norm_eps)
+        self.layer_norm_eps = positive_float("layer_norm_eps", self.layer_norm_eps)
 
     @property
     def head_dim(self) -> int:
@@ -179,9 +144,9 @@ class LongNetConfig(BlockConfig):
         super().__post_init__()
         self.vocab_size = positive_int("vocab_size", self.vocab_size)
         choice("position", self.position, POSITIONS)
-        self.rotary_base = _positive_float("rotary_base", self.rotary_base)
-        self.xpos_scale_base = _positive_float("xpos_scale_base", self.xpos_scale_base)
-        _bool("tie_embeddings", self.tie_embeddings)
+        self.rotary_base = positive_float("rotary_base", self.rotary_base)
+        self.xpos_scale_base = positive_float("xpos_scale_base", self.xpos_scale_base)
+        flag("tie_embeddings", self.tie_embeddings)
         if self.position in ("rotary", "xpos") and self.head_dim % 2:
             raise ValueError(
                 f"position={self.position!r} needs an even head_dim, got d_model / num_heads = "

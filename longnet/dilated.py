@@ -5,45 +5,30 @@ w_i tokens with (p mod w_i) mod r_i == (j + head_shift) mod r_i; kept queries at
 keys of their segment (causal by token position); the patterns' outputs mix with weights
 proportional to their softmax denominators (paper Eq. 10).
 
-This module validates what users pass and hands the rest to the planner (longnet/plan.py) and
-the executor (longnet/engine.py), wrapped as a torch custom op so that torch.compile sees one
-opaque call with a known output shape and no data-dependent values.
+This module validates what users pass (check_arguments, at the public boundary) and hands the
+rest to the planner (longnet/plan.py) and the executor (longnet/engine.py), wrapped as a torch
+custom op so that torch.compile sees one opaque call with a known output shape and no
+data-dependent values. `attend` is that call on checked arguments: the layers, which check
+theirs once at construction, run it in every step without checking again.
 """
 
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Sequence
 
 import torch
 
 from longnet import engine, selection
-from longnet.kernels import accumulation_dtype, resolve_backend
+from longnet.checks import choice, flag, int_at_least, positive_ints
+from longnet.kernels import BACKENDS, accumulation_dtype, resolve_backend
 from longnet.plan import make_plan
-
-# Pattern values must fit a 64-bit integer (the planner's tensors and the cache's positions).
-MAX_PATTERN_VALUE = 2**63 - 1
-
-
-def _positive_ints(name: str, values) -> tuple[int, ...]:
-    if isinstance(values, (str, bytes, torch.Tensor)) or not isinstance(values, Sequence):
-        raise ValueError(f"{name} must be a list of positive ints, got {values!r}")
-    try:
-        ints = tuple(operator.index(x) for x in values if not isinstance(x, bool))
-    except TypeError:
-        ints = ()
-    if len(ints) != len(values) or any(x < 1 for x in ints):
-        raise ValueError(f"{name} must be a list of positive ints, got {list(values)!r}")
-    if any(x > MAX_PATTERN_VALUE for x in ints):
-        raise ValueError(f"{name} must be ints below 2**63, got {list(values)!r}")
-    return ints
 
 
 def check_patterns(segment_lengths, dilation_rates) -> tuple[tuple[int, int], ...]:
     """Validated ((w_1, r_1), ...); ValueError naming the bad argument otherwise."""
-    lengths = _positive_ints("segment_lengths", segment_lengths)
-    rates = _positive_ints("dilation_rates", dilation_rates)
+    lengths = positive_ints("segment_lengths", segment_lengths)
+    rates = positive_ints("dilation_rates", dilation_rates)
     if not lengths:
         raise ValueError("segment_lengths must hold at least one pattern, got []")
     if len(lengths) != len(rates):
@@ -101,12 +86,6 @@ def resolve_softmax_scale(softmax_scale, head_dim: int) -> float:
     return float(softmax_scale)
 
 
-def check_flag(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be a bool, got {value!r}")
-    return value
-
-
 def check_head_shift(head_shift) -> int:
     if isinstance(head_shift, bool) or not isinstance(head_shift, int):
         raise ValueError(f"head_shift must be an int, got {head_shift!r}")
@@ -116,28 +95,52 @@ def check_head_shift(head_shift) -> int:
 def check_selection(select_top_k, select_block_size, causal: bool) -> None:
     """ValueError naming the value unless select_top_k is an int >= 0 (0: no content-selected
     pattern) and, when it is on, select_block_size an int >= 1 and causal True."""
-    for name, value, low in (
-        ("select_top_k", select_top_k, 0),
-        ("select_block_size", select_block_size, 1),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    int_at_least("select_top_k", select_top_k, 0)
+    int_at_least("select_block_size", select_block_size, 1)
     if select_top_k and not causal:
         raise ValueError("select_top_k > 0 (the content-selected pattern) needs causal=True")
 
 
-def check_arguments(
-    q, k, v, segment_lengths, dilation_rates, causal, softmax_scale, backend, head_shift
-):
-    """Validated (patterns, scale, kernel) of a dilated attention call; ValueError naming the
-    first bad argument."""
+def check_options(
+    segment_lengths, dilation_rates, causal, backend, head_shift, select_top_k, select_block_size
+) -> tuple[tuple[int, int], ...]:
+    """Validated patterns ((w_1, r_1), ...) after checking every argument of a call but the
+    tensors and the scale: what a layer checks once, at construction."""
     patterns = check_patterns(segment_lengths, dilation_rates)
-    check_qkv(q, k, v)
-    check_flag("causal", causal)
+    flag("causal", causal)
     check_head_shift(head_shift)
-    scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
-    queries = q.transpose(1, 2)  # (b, h, n, d): what the kernels see, for the backend check
-    return patterns, scale, resolve_backend(backend, queries, queries, queries, causal)
+    choice("backend", backend, BACKENDS)
+    check_selection(select_top_k, select_block_size, causal)
+    return patterns
+
+
+def check_arguments(
+    q,
+    k,
+    v,
+    segment_lengths,
+    dilation_rates,
+    causal,
+    softmax_scale,
+    backend,
+    head_shift,
+    select_top_k=0,
+    select_block_size=32,
+) -> tuple[tuple[tuple[int, int], ...], float]:
+    """Validated (patterns, scale) of a dilated attention call; ValueError naming the first bad
+    argument."""
+    patterns = check_options(
+        segment_lengths, dilation_rates, causal, backend, head_shift, select_top_k,
+        select_block_size,
+    )  # fmt: skip
+    check_qkv(q, k, v)
+    return patterns, resolve_softmax_scale(softmax_scale, q.shape[-1])
+
+
+def kernel_for(backend: str, q: torch.Tensor, causal: bool) -> str:
+    """The kernel that runs for q (b, n, h, d) (see longnet.kernels.resolve_backend)."""
+    queries = q.transpose(1, 2)  # (b, h, n, d): what the kernels see
+    return resolve_backend(backend, queries, queries, queries, causal)
 
 
 @torch.library.custom_op("longnet::dilated_attention", mutates_args=())
@@ -251,11 +254,42 @@ def dilated_attention(
     segment of the first pattern that score highest by q . mean(k of the block), mixed by Eq. 10
     as one more pattern.
     """
-    patterns, scale, kernel = check_arguments(
-        q, k, v, segment_lengths, dilation_rates, causal, softmax_scale, backend, head_shift
+    patterns, scale = check_arguments(
+        q, k, v, segment_lengths, dilation_rates, causal, softmax_scale, backend, head_shift,
+        select_top_k, select_block_size,
+    )  # fmt: skip
+    return attend(
+        q,
+        k,
+        v,
+        patterns,
+        causal=causal,
+        scale=scale,
+        backend=backend,
+        head_shift=head_shift,
+        select_top_k=select_top_k,
+        select_block_size=select_block_size,
     )
-    check_selection(select_top_k, select_block_size, causal)
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    patterns: tuple[tuple[int, int], ...],
+    *,
+    causal: bool,
+    scale: float,
+    backend: str = "auto",
+    head_shift: int = 0,
+    select_top_k: int = 0,
+    select_block_size: int = 32,
+) -> torch.Tensor:
+    """dilated_attention on arguments already checked (check_arguments, or a layer's
+    construction): no argument check here, since a model runs it in every layer on every step.
+    patterns as check_patterns returns them; scale a float."""
     lengths, rates = (list(values) for values in zip(*patterns, strict=True))
+    kernel = kernel_for(backend, q, causal)
     out, _ = _attention_op(
         q, k, v, lengths, rates, causal, scale, kernel, head_shift, select_top_k, select_block_size
     )

@@ -8,7 +8,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from longnet.dilated import check_patterns, check_selection, dilated_attention
+from longnet.dilated import attend, check_options, dilated_attention, resolve_softmax_scale
 
 AttentionFn = Callable[..., torch.Tensor]
 
@@ -88,8 +88,11 @@ class DilatedAttention(nn.Module):
             raise ValueError(
                 "give either segment_size/dilation_rate or segment_lengths/dilation_rates, not both"
             )
-        self.patterns = check_patterns(segment_lengths, dilation_rates)
-        check_selection(select_top_k, select_block_size, causal)
+        # Every argument of the attention call checked here, once: forward runs unchecked.
+        self.patterns = check_options(
+            segment_lengths, dilation_rates, causal, backend, head_shift, select_top_k,
+            select_block_size,
+        )  # fmt: skip
         self.select_top_k, self.select_block_size = select_top_k, select_block_size
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if num_heads < 1 or d_model % num_heads:
@@ -103,6 +106,7 @@ class DilatedAttention(nn.Module):
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim = d_model // num_heads
         self.causal, self.softmax_scale, self.backend = causal, softmax_scale, backend
+        self.scale = resolve_softmax_scale(softmax_scale, self.head_dim)
         self.head_shift = head_shift
         self.attention_fn = attention_fn
         q_rows, kv_rows = num_heads * self.head_dim, num_kv_heads * self.head_dim
@@ -136,6 +140,19 @@ class DilatedAttention(nn.Module):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """(b, n, h, d) attention output of projected q, k, v."""
+        if self.attention_fn is dilated_attention:  # its arguments were checked in __init__
+            return attend(
+                q,
+                k,
+                v,
+                self.patterns,
+                causal=self.causal,
+                scale=self.scale,
+                backend=self.backend,
+                head_shift=self.head_shift,
+                select_top_k=self.select_top_k,
+                select_block_size=self.select_block_size,
+            )
         lengths, rates = zip(*self.patterns, strict=True)
         return self.attention_fn(
             q,

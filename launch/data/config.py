@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from longnet.config import choice, positive_int
+from longnet.checks import choice, positive_int
 
 SOURCES = ("stdlib", "files", "hub")
 

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 
-from longnet.config import positive_int
+from longnet.checks import positive_int
 
 from .cache import ensure_cache
 from .config import DataConfig
