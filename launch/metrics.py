@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -49,7 +50,8 @@ class MetricsLogger:
     def log(self, record: dict) -> None:
         if not self.active:
             return
-        self.file.write(json.dumps(record) + "\n")
+        # The wall-clock time it was logged, in the file only: it orders the run's events.
+        self.file.write(json.dumps({**record, "time": time.time()}) + "\n")
         self.file.flush()
         if self.wandb_run is not None:
             prefix = f"eval_{record['seq_len']}/" if record.get("eval") else "train/"

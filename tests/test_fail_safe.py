@@ -38,7 +38,7 @@ from distributed_utils import (
 
 from longnet import LongNetConfig, LongNetLM
 from longnet.launch import checkpoint, evaluate, export, generate
-from longnet.launch.trainer import Trainer
+from longnet.launch.metrics import read_metrics
 
 MODEL = checkpoint.MODEL_STATES
 OPTIMIZER = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
@@ -357,27 +357,18 @@ def test_an_unusable_output_dir_is_refused_before_any_work(tmp_path, output_dir,
     assert file.read_text() == "keep me"
 
 
-def test_each_checkpoint_is_saved_before_the_evaluation_of_its_step():
-    """An evaluation that fails can lose no training: fit() saves first (Trainer.fit on a
-    recorder standing in for the engine, the data and the metrics)."""
-    calls = []
-    recorder = SimpleNamespace(
-        step=0,
-        config=SimpleNamespace(
-            train=SimpleNamespace(steps=4, eval_interval=2, log_interval=1),
-            checkpoint=SimpleNamespace(interval=2),
-            data=SimpleNamespace(seq_len=8, seq_len_at=lambda step: 8),
-        ),
-        ds_config={"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1},
-        grid=SimpleNamespace(dims=SimpleNamespace(data_parallel=1, sequence_parallel=1)),
-        engine=SimpleNamespace(get_global_grad_norm=lambda: 1.0, get_lr=lambda: [0.1]),
-        metrics=SimpleNamespace(advance=lambda: None, log=lambda record: None, close=lambda: None),
-        train_step=lambda: 1.0,
-    )
-    recorder.save = lambda: calls.append(("save", recorder.step))
-    recorder.evaluate = lambda: calls.append(("evaluate", recorder.step))
-    Trainer.fit(recorder)
-    assert calls == [("save", 2), ("evaluate", 2), ("save", 4), ("evaluate", 4)]
+def test_each_checkpoint_is_saved_before_the_evaluation_of_its_step(tmp_path):
+    """An evaluation that fails can lose no training: a real run that checkpoints and evaluates
+    at every step marks each step's checkpoint complete before it logs that step's evaluation
+    (the COMPLETE marker's time against the evaluation record's)."""
+    every_step = ["train.steps=2", "checkpoint.interval=1", "train.eval_interval=1"]
+    args = train_args("tiny-cpu.yaml", overrides(tmp_path, *every_step))
+    run_command(python_command("launch/train.py", *args))
+    evaluated = {r["step"]: r["time"] for r in read_metrics(tmp_path) if r.get("eval")}
+    assert sorted(evaluated) == [1, 2]
+    for step, logged in evaluated.items():
+        marker = tmp_path / "checkpoints" / checkpoint.tag(step) / checkpoint.COMPLETE
+        assert json.loads(marker.read_text())["time"] < logged, step
 
 
 # -- export, generate, evaluate on damaged checkpoints ------------------------------------------
