@@ -24,7 +24,6 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     NonNegativeInt,
@@ -115,23 +114,6 @@ class CheckpointConfig(_Section):
     verify_hashes: bool = True
 
 
-def _data_config(values: Any) -> Any:
-    """The data section as a DataConfig, which checks its own values (it is also built directly,
-    without this tree)."""
-    if isinstance(values, DataConfig):
-        return values
-    if not isinstance(values, dict):
-        raise ValueError(f"data must be a mapping, got {values!r}")
-    known = DataConfig.__dataclass_fields__
-    unknown = [key for key in values if key not in known]
-    if unknown:
-        raise ValueError(
-            f"unknown config key {', '.join('data.' + k for k in unknown)}; "
-            f"data takes: {', '.join(known)}"
-        )
-    return DataConfig(**values)
-
-
 def _default_deepspeed() -> dict[str, Any]:
     return {
         "train_micro_batch_size_per_gpu": 1,
@@ -151,7 +133,7 @@ class Config(_Section):
     run: RunConfig = Field(default_factory=RunConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
-    data: Annotated[DataConfig, BeforeValidator(_data_config)] = Field(default_factory=DataConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     deepspeed: dict[str, Any] = Field(default_factory=_default_deepspeed)

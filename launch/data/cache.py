@@ -45,8 +45,8 @@ def cache_root(config: DataConfig) -> Path:
 
 def _plan(config: DataConfig) -> tuple[Tokenizer, dict, str]:
     """Every check that needs no reading of the corpus, then the tokenizer, what to read and the
-    cache key. Cheap: the trainer runs it (via check) before any heavy work."""
-    config.validate()
+    cache key. Cheap: the trainer runs it (via check) before any heavy work. The fields were
+    checked when the DataConfig was built (and on assignment)."""
     if config.source == "stdlib":
         root, names = stdlib_files(config.max_documents)
         if not names:

@@ -2,16 +2,36 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Annotated, Literal
 
-from longnet.checks import choice, positive_int
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveInt,
+    ValidationError,
+    model_validator,
+)
 
 SOURCES = ("stdlib", "files", "hub")
+NonEmptyString = Annotated[str, Field(min_length=1)]
 
 
-@dataclass
-class DataConfig:
-    """The `data:` section of the training config.
+def _describe(error: dict) -> str:
+    """One pydantic error as launch/config.py words those of the whole tree: `data.key:
+    problem, got value`; a validator's own ValueError (which names its key) as it is."""
+    if error["type"] == "value_error":
+        return str(error["ctx"]["error"])
+    key = "data" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return f"unknown config key {key}; data takes: {', '.join(DataConfig.model_fields)}"
+    return f"{key}: {error['msg']}, got {error['input']!r}"
+
+
+class DataConfig(BaseModel):
+    """The `data:` section of the training config. Bad values raise ValueError naming the key
+    (`data.seq_len: Input should be greater than 0, got 0`).
 
     seq_len: tokens per training row (the model sees seq_len inputs and seq_len labels).
     source: "stdlib" (the Python standard library's .py files, offline), "files" (path) or "hub".
@@ -34,76 +54,50 @@ class DataConfig:
         None: seq_len throughout. Evaluation and checkpoints ignore it.
     """
 
-    seq_len: int = 256
-    source: str = "stdlib"
+    # strict, as the rest of the config tree: YAML gives numbers and booleans already.
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+
+    seq_len: PositiveInt = 256
+    source: Literal["stdlib", "files", "hub"] = "stdlib"
     path: str | None = None
     hub_name: str | None = None
     hub_config: str | None = None
-    hub_split: str = "train"
-    text_field: str = "text"
-    tokenizer: str = "byte"
-    validation_fraction: float = 0.05
-    shuffle_seed: int = 0
-    max_documents: int | None = None
+    hub_split: NonEmptyString = "train"
+    text_field: NonEmptyString = "text"
+    tokenizer: NonEmptyString = "byte"
+    validation_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.05
+    shuffle_seed: NonNegativeInt = 0
+    max_documents: PositiveInt | None = None
     cache_dir: str | None = None
-    num_proc: int = 1
-    passkey_fraction: float = 0.0
-    seq_len_schedule: list[list[int]] | None = None
+    num_proc: PositiveInt = 1
+    passkey_fraction: Annotated[float, Field(ge=0, le=1)] = 0.0
+    seq_len_schedule: list[Annotated[list[int], Field(min_length=2, max_length=2)]] | None = None
 
-    def __post_init__(self):
-        self.validate()
+    def __init__(self, **values):
+        # Built directly (tests, evaluate.py) as in the config tree: one line naming the key.
+        try:
+            super().__init__(**values)
+        except ValidationError as error:
+            raise ValueError("; ".join(_describe(e) for e in error.errors())) from None
 
-    def validate(self) -> None:
-        """ValueError naming the field for values that are wrong whatever is on disk."""
-        self.seq_len = positive_int("data.seq_len", self.seq_len)
-        self.num_proc = positive_int("data.num_proc", self.num_proc)
-        if self.max_documents is not None:
-            self.max_documents = positive_int("data.max_documents", self.max_documents)
-        choice("data.source", self.source, SOURCES)
+    @model_validator(mode="after")
+    def _consistent(self) -> DataConfig:
+        """What the field types cannot say: fields that depend on each other."""
         if self.source == "files" and not self.path:
             raise ValueError("data.path is required with data.source='files'")
         if self.source == "hub" and not self.hub_name:
             raise ValueError("data.hub_name is required with data.source='hub'")
-        for name in ("path", "hub_name", "hub_config", "cache_dir"):
-            if not isinstance(getattr(self, name), str | None):
-                raise ValueError(f"data.{name} must be a string, got {getattr(self, name)!r}")
-        for name in ("text_field", "tokenizer", "hub_split"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise ValueError(
-                    f"data.{name} must be a non-empty string, got {getattr(self, name)!r}"
-                )
-        if self.tokenizer.startswith("tiktoken:") and not self.tokenizer.removeprefix("tiktoken:"):
+        if self.tokenizer == "tiktoken:":
             raise ValueError(
                 "data.tokenizer 'tiktoken:' needs an encoding name, e.g. tiktoken:gpt2"
             )
-        fraction = self.validation_fraction
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
-            raise ValueError(f"data.validation_fraction must be a number, got {fraction!r}")
-        if not 0.0 <= fraction < 1.0:
-            raise ValueError(f"data.validation_fraction must be in [0, 1), got {fraction!r}")
-        if isinstance(self.shuffle_seed, bool) or not isinstance(self.shuffle_seed, int):
-            raise ValueError(f"data.shuffle_seed must be an integer, got {self.shuffle_seed!r}")
-        if self.shuffle_seed < 0:
-            raise ValueError(f"data.shuffle_seed must be >= 0, got {self.shuffle_seed}")
-        fraction = self.passkey_fraction
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
-            raise ValueError(f"data.passkey_fraction must be a number, got {fraction!r}")
-        if not 0.0 <= fraction <= 1.0:
-            raise ValueError(f"data.passkey_fraction must be in [0, 1], got {fraction!r}")
         if self.seq_len_schedule is not None:
             self._check_schedule(self.seq_len_schedule)
+        return self
 
-    def _check_schedule(self, schedule) -> None:
-        bad = f"data.seq_len_schedule must be [[step, length], ...], got {schedule!r}"
-        if not isinstance(schedule, list) or not schedule:
-            raise ValueError(bad)
-        for stage in schedule:
-            if not (
-                isinstance(stage, (list, tuple))
-                and len(stage) == 2
-                and all(isinstance(v, int) and not isinstance(v, bool) for v in stage)
-            ):
-                raise ValueError(bad)
+    def _check_schedule(self, schedule: list[list[int]]) -> None:
+        if not schedule:
+            raise ValueError(f"data.seq_len_schedule must be [[step, length], ...], got {schedule}")
         steps = [step for step, _ in schedule]
         if steps[0] != 0 or any(a >= b for a, b in zip(steps, steps[1:], strict=False)):
             raise ValueError(f"data.seq_len_schedule steps must start at 0 and rise, got {steps}")
@@ -112,7 +106,6 @@ class DataConfig:
                 raise ValueError(
                     f"data.seq_len_schedule length {length} must divide data.seq_len={self.seq_len}"
                 )
-        self.seq_len_schedule = [list(stage) for stage in schedule]
 
     def seq_len_at(self, step: int) -> int:
         """The training row length of optimizer step `step` (the curriculum's stage)."""
