@@ -58,6 +58,27 @@ def by_residue(records: list[dict], context: int, rate: int) -> dict[int, dict]:
     return dict(sorted(table.items()))
 
 
+def by_class(records: list[dict], context: int, rate: int) -> dict[str, dict]:
+    """{"query class q, key class k": {windows, first_digit, exact}} over the windows whose key
+    lies beyond the first segment (depth < 1): the offset classes (position mod rate) of the
+    answer query and of the key's first digit, and how often the first digit comes out right."""
+    table: dict[str, dict] = {}
+    for record in records:
+        if record["context"] != context or record["depth"] == 1.0:
+            continue
+        query, key = (record["answer_position"] - 1) % rate, record["key_position"] % rate
+        cell = table.setdefault(f"query {query}, key {key}", {"windows": 0, "first_digit": 0})
+        cell["windows"] += 1
+        cell["first_digit"] += record["predicted"][:1] == record["key"][:1]
+    return dict(sorted(table.items()))
+
+
+def digit_accuracy(records: list[dict], context: int) -> list[float]:
+    """Accuracy of each of the five answer digits over the windows of depth < 1."""
+    far = [r for r in records if r["context"] == context and r["depth"] < 1.0]
+    return [sum(r["predicted"][i : i + 1] == r["key"][i] for r in far) / len(far) for i in range(5)]
+
+
 def pattern_masses(q, k, query: int, keys: list[int], config) -> torch.Tensor:
     """(h, patterns) mixed attention mass of position `query` on positions `keys`; q (n, h, d),
     k (n, h, d) in float64 (kv heads repeated), the patterns of config (the content-selected
@@ -171,6 +192,10 @@ def main(argv: list[str] | None = None) -> None:
         "context": args.context,
         "widest_rate": rate,
         "by_residue": by_residue(records, args.context, rate),
+        "first_digit_by_class": by_class(records, args.context, rate) if records else {},
+        "digit_accuracy_beyond_first_depth": digit_accuracy(records, args.context)
+        if records
+        else [],
         "windows": {"exact": counts[True], "failed": counts[False]},
         "mass": rows,
     }
@@ -178,6 +203,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"accuracy by (answer query - key digit) mod {rate}:")
     for residue, cell in result["by_residue"].items():
         print(f"  {residue}: {cell['exact']}/{cell['windows']}")
+    print(f"first digit right by offset class (mod {rate}), keys at depth < 1:")
+    for cell, counts_ in result["first_digit_by_class"].items():
+        print(f"  {cell}: {counts_['first_digit']}/{counts_['windows']}")
+    print("digit accuracy, keys at depth < 1:", result["digit_accuracy_beyond_first_depth"])
     print("largest mean mass on the key digits (layer, head, pattern): exact | failed")
     top = sorted(rows, key=lambda r: -(r["mass_exact"] or 0) - (r["mass_failed"] or 0))[:12]
     for r in top:
