@@ -147,9 +147,11 @@ LAYOUTS = {
 
 # Modules whose tests launch training runs (DeepSpeed, several processes, kill and resume),
 # build wheels or run the benchmark scripts: `pytest -m "not slow"` leaves them out for the
-# edit-test loop; CI runs everything.
+# edit-test loop; CI runs everything. test_cuda's "cpu" cases repeat the core suite's numbers
+# on the CPU kernels (benchmarks/gpu.sh runs the file on a GPU, whatever the marker).
 SLOW_MODULES = {
     "test_benchmarks",
+    "test_cuda",
     "test_evaluate",
     "test_export",
     "test_fail_safe",
@@ -163,3 +165,10 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if item.module.__name__ in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
+
+
+def tiered(cases, quick) -> list:
+    """Parametrize cases (tuples), those not in `quick` marked slow: the quick tier keeps a
+    subset that still covers each kind, the full suite runs them all."""
+    slow = pytest.mark.slow
+    return [case if case in quick else pytest.param(*case, marks=slow) for case in cases]

@@ -537,6 +537,7 @@ def test_loss_weights_weigh_each_label():
         model(tokens, labels, loss_weights=torch.ones(2, 31))
 
 
+@pytest.mark.slow  # two training runs
 def test_curriculum_resumes_across_a_stage_change_like_an_uninterrupted_run(tmp_path):
     """The trainer reads each stage's rows by step alone: a run stopped at step 3 and resumed
     (through the stages 128 -> 256 -> 512, pass keys in half the rows) logs the losses of a run

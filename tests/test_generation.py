@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import tiered
 
 from longnet import KVCache, LongNetConfig, LongNetLM
 
@@ -31,7 +32,11 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("position, num_kv_heads", CASES)
+# Each encoding and each kind of heads once in the quick tier.
+QUICK_CASES = {("xpos", 4), ("rotary", 2), ("alibi", 1), ("none", 2)}
+
+
+@pytest.mark.parametrize("position, num_kv_heads", tiered(CASES, QUICK_CASES))
 def test_cached_greedy_generation_equals_uncached(position, num_kv_heads):
     model, prompt = make_model(position=position, num_kv_heads=num_kv_heads)
     cached = model.generate(prompt, NEW, top_k=1, use_cache=True)
@@ -92,7 +97,9 @@ def test_bad_generation_arguments_raise_value_error():
         model(prompt[:, :1], position_offset=8, cache=cache)
 
 
-@pytest.mark.parametrize("position, num_kv_heads", [("xpos", 2), ("rotary", 1), ("alibi", 4)])
+@pytest.mark.parametrize(
+    "position, num_kv_heads", tiered([("xpos", 2), ("rotary", 1), ("alibi", 4)], {("xpos", 2)})
+)
 def test_ring_buffer_cache_decodes_exactly_across_many_segments(position, num_kv_heads):
     """The cache holds max(w) = 16 positions; 70 tokens span four periods of the longest
     segment, and every cached step still gives the logits of the full forward."""
