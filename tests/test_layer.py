@@ -158,6 +158,12 @@ def test_bfloat16_layer_is_close_to_float32(rng):
         (dict(segment_size=8, dilation_rate=1.5), "dilation_rate"),
         (dict(segment_size=8, dropout=1.0), "dropout"),
         (dict(segment_size=8, dropout=-0.1), "dropout"),
+        # what the attention call would refuse, refused once here (forward checks nothing more)
+        (dict(segment_size=8, causal=1), "causal"),
+        (dict(segment_size=8, softmax_scale=0.0), "softmax_scale"),
+        (dict(segment_size=8, backend="flash"), "backend"),
+        (dict(segment_size=8, head_shift=1.5), "head_shift"),
+        (dict(segment_size=8, select_top_k=2), "causal=True"),
     ],
 )
 def test_bad_constructor_arguments(kwargs, name):
