@@ -133,16 +133,22 @@ def pairs_at(model_config, length: int = COST_LENGTH) -> float:
     )  # fmt: skip
 
 
-def step_seconds(model_config, length: int, repeats: int = 3) -> float:
-    """Best forward+backward time of one row of `length` tokens (one thread, as trained)."""
-    torch.manual_seed(0)
-    model = LongNetLM(at_length(model_config, length))
-    tokens = torch.randint(0, model_config.vocab_size, (1, length))
-    best = math.inf
-    for _ in range(repeats + 1):  # the first is a warm-up
-        start = time.perf_counter()
-        model(tokens, tokens).loss.backward()
-        best = min(best, time.perf_counter() - start)
+def step_seconds(configs: dict, length: int, rounds: int = 3) -> dict[str, float]:
+    """{name: best forward+backward time of one row of `length` tokens} on one thread, as
+    trained; the models take turns in every round, so a slow phase of a shared machine hits
+    them alike (the first round warms up and is not counted)."""
+    models, tokens = {}, None
+    for name, config in configs.items():
+        torch.manual_seed(0)
+        models[name] = LongNetLM(at_length(config, length))
+        tokens = torch.randint(0, config.vocab_size, (1, length))
+    best = dict.fromkeys(models, math.inf)
+    for round_ in range(rounds + 1):
+        for name, model in models.items():
+            start = time.perf_counter()
+            model(tokens, tokens).loss.backward()
+            if round_:
+                best[name] = min(best[name], time.perf_counter() - start)
     return best
 
 
@@ -153,7 +159,7 @@ def costs(results: dict[str, dict]) -> None:
     for name, config in configs.items():
         results[name]["pairs_per_token_8k"] = pairs_at(config)
     for length in SPEED_LENGTHS:
-        times = {name: step_seconds(config, length) for name, config in configs.items()}
+        times = step_seconds(configs, length)
         for name in configs:
             results[name][f"speed_vs_dense_{length}"] = times[dense] / times[name]
 
