@@ -113,10 +113,12 @@ class _Chunk:
         per_block.scatter_(-1, index, 0.0)
         return per_block[..., :blocks].repeat_interleave(self.block_size, dim=-1)
 
-    def gather(self, table: torch.Tensor, kv_heads: int) -> torch.Tensor:
-        """(b, c, h, S, d) with S = k*B: each query's chosen blocks of its kv head, from the
-        block table (b*g*m, B*d)."""
-        rows = _flat_index(self.index, kv_heads, self.blocks)
+    def rows(self, kv_heads: int) -> torch.Tensor:
+        """(b*c*h*k,) rows of the block table holding each query's chosen blocks."""
+        return _flat_index(self.index, kv_heads, self.blocks)
+
+    def gather(self, table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """(b, c, h, S, d) with S = k*B: the block table (b*g*m, B*d)'s `rows`, per query."""
         shape = (*self.index.shape, self.block_size, table.shape[1] // self.block_size)
         return table.index_select(0, rows).view(shape).flatten(3, 4)
 
@@ -166,7 +168,8 @@ def forward(
             out[:, start:end] = part_out.transpose(1, 2)
             lse[:, start:end] = part_lse.transpose(1, 2)
             continue
-        keys, values = (chunk.gather(table, kv_heads) for table in tables)  # (b, c, h, S, d)
+        rows = chunk.rows(kv_heads)
+        keys, values = (chunk.gather(table, rows) for table in tables)  # (b, c, h, S, d)
         scores = torch.einsum("bchd,bchsd->bchs", chunk.q.to(acc), keys) * scale
         scores = scores.masked_fill(~_allowed(chunk), -math.inf)
         part_lse = torch.logsumexp(scores, dim=-1)  # (b, c, h): finite, every row has a candidate
@@ -214,7 +217,8 @@ def backward(
                 part = part.unflatten(1, (kv_heads, heads // kv_heads)).sum(2)
                 total[:, :size] += part.transpose(1, 2)
             continue
-        keys, values = (chunk.gather(table, kv_heads) for table in tables)  # (b, c, h, S, d)
+        rows = chunk.rows(kv_heads)
+        keys, values = (chunk.gather(table, rows) for table in tables)  # (b, c, h, S, d)
         queries, d_out = chunk.q.to(acc), grad_out[:, start:end].to(acc)  # (b, c, h, d)
         scores = torch.einsum("bchd,bchsd->bchs", queries, keys) * scale
         scores = scores.masked_fill(~_allowed(chunk), -math.inf)
@@ -223,7 +227,6 @@ def backward(
         grad_probs = torch.einsum("bchd,bchsd->bchs", d_out, values)
         grad_scores = probs * (grad_probs - delta) * scale
         grad_q[:, start:end] = torch.einsum("bchs,bchsd->bchd", grad_scores, keys)
-        rows = _flat_index(chunk.index, kv_heads, chunk.blocks)
         for table, weights, x in (
             (grad_tables[0], grad_scores, queries),
             (grad_tables[1], probs, d_out),
