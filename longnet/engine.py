@@ -22,7 +22,12 @@ from typing import Protocol
 
 import torch
 
-from longnet.kernels import accumulation_dtype, attention_backward, attention_forward
+from longnet.kernels import (
+    accumulation_dtype,
+    attention_backward,
+    attention_forward,
+    mark_nan_readers,
+)
 from longnet.plan import Block, Call, Plan, remote_index, send_index, to_blocks, to_kernel
 
 
@@ -183,13 +188,7 @@ def forward(
             call.blocks, split(call, call_out), split(call, call_lse), strict=True
         ):
             merge(out, lse, block, part_out, part_lse, first=False)
-    # NOTE: torch's CPU flash kernel turns a query row with a NaN into a zero output with a
-    # finite log-sum-exp; a NaN must reach exactly the outputs that read it, as in the math.
-    poisoned = q.isnan().any(-1) & (lse != -math.inf)  # (b, n, h): kept queries only
-    if nan_readers is not None:
-        poisoned |= nan_readers
-    out.masked_fill_(poisoned.unsqueeze(-1), math.nan)
-    lse.masked_fill_(poisoned, math.nan)
+    mark_nan_readers(out, lse, q, nan_readers)
     return out.to(out_dtype or q.dtype), lse, received
 
 

@@ -179,6 +179,19 @@ def _run(op_name: str, arguments: dict):
 MASKED_KERNELS = ("cpu_flash", "math")
 
 
+def mark_nan_readers(out, lse, q, readers=None) -> None:
+    """Sets out (b, n, h, d) and lse (b, n, h) to NaN, in place, for the queries that read a NaN:
+    `readers` (b, n, h), found by the caller (whose kernels saw NaN keys and values as 0), and the
+    NaN queries that read anything. NOTE: torch's CPU flash kernel turns a query row with a NaN
+    into a zero output with a finite log-sum-exp; a NaN must reach exactly the outputs that read
+    it, as in the math."""
+    poisoned = q.isnan().any(-1) & (lse != -math.inf)  # (b, n, h): kept queries only
+    if readers is not None:
+        poisoned |= readers
+    out.masked_fill_(poisoned.unsqueeze(-1), math.nan)
+    lse.masked_fill_(poisoned, math.nan)
+
+
 def attention_forward(q, k, v, *, causal: bool, scale: float, kernel: str, mask=None):
     """(out in q's dtype, lse in accumulation dtype) for one dense attention; mask (b, h, n, s),
     0 or -inf in q's dtype, is added to the scaled scores (MASKED_KERNELS only)."""

@@ -52,7 +52,9 @@ def selected(q, k, block_size: int, top_k: int, window: int) -> torch.Tensor:
                     float(q[b, i, head] @ k[b, j * block_size : (j + 1) * block_size, head].mean(0))
                     for j in range(earlier)
                 ]
-                best = sorted(range(earlier), key=lambda j: -scores[j])[:top_k]
+                # NaN (a NaN key or query) ranks above every number, as in torch.topk.
+                rank = [(not math.isnan(s), -s) for s in scores]
+                best = sorted(range(earlier), key=lambda j: rank[j])[:top_k]
                 for j in best:
                     counts[b, head, i, j * block_size : (j + 1) * block_size] = 1
     return counts

@@ -27,6 +27,7 @@ from longnet.kernels import (
     accumulation_dtype,
     attention_backward,
     attention_forward,
+    mark_nan_readers,
 )
 
 # Most gathered key (or value) elements a chunk of queries holds at once: 64 MiB in float32.
@@ -117,6 +118,11 @@ class _Chunk:
         """(b*c*h*k,) rows of the block table holding each query's chosen blocks."""
         return _flat_index(self.index, kv_heads, self.blocks)
 
+    def reads(self, flags: torch.Tensor, kv_heads: int) -> torch.Tensor:
+        """(b, c, h) whether each query chose a flagged block; flags (b*g*m,) in block-table
+        order."""
+        return (flags[self.rows(kv_heads)].view(self.index.shape) & self.valid).any(-1)
+
     def gather(self, table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """(b, c, h, S, d) with S = k*B: the block table (b*g*m, B*d)'s `rows`, per query."""
         shape = (*self.index.shape, self.block_size, table.shape[1] // self.block_size)
@@ -152,12 +158,25 @@ def forward(
     acc = accumulation_dtype(q.dtype)
     out = torch.zeros(q.shape, dtype=acc, device=q.device)
     lse = torch.full(q.shape[:3], -math.inf, dtype=acc, device=q.device)
-    means = block_means(k, block_size)
+    means = block_means(k, block_size)  # a NaN key's block scores NaN: topk ranks it first
     heads, kv_heads = q.shape[2], k.shape[2]
+    # NOTE: both forms multiply zero weights by the keys and values of blocks a query did not
+    # choose, so a NaN would reach queries that never read it; NaN entries enter as 0 and the
+    # queries that chose their blocks are marked NaN below (a host sync on CUDA).
+    nan_entries = k.isnan().any(-1) | v.isnan().any(-1)  # (b, s, g)
+    nan_blocks = readers = None
+    if bool(nan_entries.any()):
+        m = k.shape[1] // block_size
+        blocks = nan_entries[:, : m * block_size].unflatten(1, (m, block_size)).any(2)
+        nan_blocks = blocks.transpose(1, 2).flatten()  # (b*g*m,): block-table order
+        readers = torch.zeros(q.shape[:3], dtype=torch.bool, device=q.device)
+        k, v = (x.masked_fill(x.isnan(), 0.0) for x in (k, v))
     masked = masks(k.shape[1], block_size, top_k, kernel)
     tables = None if masked else tuple(_table(x.to(acc), block_size) for x in (k, v))
     for start, end in _chunks(q, k.shape[1], query_offset, block_size, top_k, window, masked):
         chunk = _Chunk(q, means, start, end, block_size, top_k, window, query_offset)
+        if nan_blocks is not None:
+            readers[:, start:end] = chunk.reads(nan_blocks, kv_heads)
         if masked:
             mask = chunk.mask(q.dtype)
             keys, values = (_kernel_layout(x[:, : mask.shape[-1]], heads) for x in (k, v))
@@ -177,6 +196,7 @@ def forward(
             "bchs,bchsd->bchd", torch.exp(scores - part_lse.unsqueeze(-1)), values
         )
         lse[:, start:end] = part_lse
+    mark_nan_readers(out, lse, q, readers)
     return out, lse
 
 

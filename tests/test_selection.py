@@ -123,6 +123,39 @@ def test_cached_decoding_equals_recompute():
     assert torch.equal(cached, model.generate(prompt, 50, top_k=1, use_cache=False))
 
 
+@pytest.mark.parametrize("form", ["masked", "gathered"])
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+def test_nan_reaches_exactly_the_queries_that_read_it(which, form):
+    """Through the chosen blocks too: a NaN key or value reaches the queries of its kv head that
+    chose its block (a NaN key's block scores NaN, which ranks first), and no other; a NaN
+    query reaches its own output."""
+    batch, n, heads, kv_heads, dim, lengths, rates, top_k, block = CASES["paper_patterns"]
+    generator = torch.Generator().manual_seed(3)
+    through_choice = 0  # readers that no dilated pattern gives
+    for position in (2, 21, 35, 50, 63):
+        q, k, v = (x.detach() for x in make_qkv(generator, batch, n, heads, kv_heads, dim))
+        tensors = dict(q=q, k=k, v=v)
+        tensors[which][0, position, 1, 2] = float("nan")
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(selection, "masks", lambda *args: form == "masked")
+            out = dilated_attention(
+                q, k, v, lengths, rates, causal=True, select_top_k=top_k, select_block_size=block
+            )
+        dilated = multiplicity(n, heads, lengths, rates, causal=True)  # (h, n, n)
+        group = heads // kv_heads
+        chosen = selected(q, k.repeat_interleave(group, dim=2), block, top_k, lengths[0])[0]
+        readers = torch.zeros(n, heads, dtype=torch.bool)
+        if which == "q":
+            readers[position, 1] = True
+        else:
+            for head in range(group * 1, group * 2):  # the query heads of kv head 1
+                by_pattern, by_choice = dilated[head, :, position], chosen[head, :, position]
+                readers[:, head] = by_pattern + by_choice > 0
+                through_choice += int(((by_choice > 0) & (by_pattern == 0)).sum())
+        assert torch.equal(out[0].isnan().any(-1), readers), position
+    assert through_choice > 0 or which == "q"
+
+
 def test_positions_are_not_wrapped():
     """Keys at any distance interact: the period that bounds positions for the dilated
     patterns must not fold distances beyond it."""
@@ -171,6 +204,29 @@ def test_sequence_parallel_equals_one_device(size, lengths, rates, top_k, block)
         actual = [torch.cat(parts, dim=1) for parts in zip(*(s[1] for s in shards), strict=True)]
         for name, a, e in zip(("out", "dq", "dk", "dv"), actual, expected, strict=True):
             assert max_error(a, e) <= TOLERANCE[torch.float64], name
+
+
+def run_nan(inputs, top_k, block):
+    q, k, v = (shard_sequence(x) for x in inputs)
+    return sequence_parallel_dilated_attention(
+        q, k, v, [8], [1], causal=True, select_top_k=top_k, select_block_size=block
+    )
+
+
+@pytest.mark.parametrize("which", ["k", "v"])
+def test_nan_under_sequence_parallelism_reaches_the_same_outputs(which):
+    """A NaN on rank 1 reaches later ranks' queries through the chosen blocks only (the local
+    pattern of 8 tokens never crosses a rank), and the same outputs as on one device."""
+    generator = torch.Generator().manual_seed(7)
+    q, k, v = (x.detach() for x in make_qkv(generator, 1, 4 * 8, 4, 2, 8))
+    tensors = dict(q=q, k=k, v=v)
+    tensors[which][0, 9, 1, 3] = float("nan")
+    results = distributed_utils.run(run_nan, tuple(tensors.values()), 2, 4)
+    expected = dilated_attention(
+        *tensors.values(), [8], [1], causal=True, select_top_k=2, select_block_size=4
+    ).isnan()
+    assert expected[:, 16:].any() and not expected.all()
+    assert torch.equal(torch.cat(results, dim=1).isnan(), expected)
 
 
 @pytest.mark.parametrize("causal", [True, False])
