@@ -17,7 +17,7 @@ patterns are the paper's, w = {2048, ..., 32768} and r = {1, 2, 4, 6, 12}, divid
 (default 16, for CPUs; use 1 on GPUs), with shards of 16384 / scale tokens: the largest pattern
 spans two shards once P >= 2. Per world size: the forward and forward+backward time of one
 attention layer (best of --repeats, the slowest rank) and the bytes each rank sent and received
-(longnet.distributed.last_communication), next to the formula of docs/sequence-parallel.md.
+(longnet.distributed.communication), next to the formula of docs/sequence-parallel.md.
 Bytes per rank must stay flat as P and the sequence grow together: that is LongNet's scaling
 argument (paper section 3.1).
 
@@ -42,7 +42,7 @@ import torch.distributed as dist
 
 from longnet import dilated_attention
 from longnet.config import PAPER_DILATION_RATES, PAPER_SEGMENT_LENGTHS
-from longnet.distributed import last_communication, sequence_parallel_dilated_attention
+from longnet.distributed import communication, sequence_parallel_dilated_attention
 
 FLATNESS = 1.10  # the most bytes per rank may grow between world sizes >= 2
 
@@ -148,7 +148,16 @@ def run_rank(args) -> None:
         row = {
             "fwd_s": measure(forward, device, args.repeats),
             "fwd_bwd_s": measure(forward_backward, device, args.repeats),
-            **vars(last_communication()),
+            **vars(
+                communication(
+                    q,
+                    k,
+                    v,
+                    args.segment_lengths,
+                    args.dilation_rates,
+                    causal=not args.non_causal,
+                )
+            ),
         }
     elif args.experiment == "overhead":
         # Interleaved rounds, so that a slow phase of the machine hits both alike.

@@ -7,15 +7,15 @@ so that ``longnet`` itself stays a set of pure PyTorch modules.
 `longnet.dilated_attention` returns for the whole sequence. It runs the same planner and
 executor as one device (longnet/plan.py, longnet/engine.py) and adds the exchange of sparse keys
 and values for segments that span ranks; docs/sequence-parallel.md has the algorithm and its
-byte formula. `last_communication()` reports the bytes of the last call; `ParallelDims` lays the
-world out as data_parallel x sequence_parallel and builds the groups.
+byte formula. `communication(...)` computes from the plan the bytes a call sends and receives;
+`ParallelDims` lays the world out as data_parallel x sequence_parallel and builds the groups.
 """
 
 from longnet.distributed.grid import ParallelDims, ProcessGrid
 from longnet.distributed.sequence_parallel import (
     Communication,
     check_layout,
-    last_communication,
+    communication,
     sequence_parallel_dilated_attention,
     shard_sequence,
 )
@@ -25,7 +25,7 @@ __all__ = [
     "check_layout",
     "ParallelDims",
     "ProcessGrid",
-    "last_communication",
+    "communication",
     "sequence_parallel_dilated_attention",
     "shard_sequence",
 ]

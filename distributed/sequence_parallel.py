@@ -11,12 +11,12 @@ its byte formula: docs/sequence-parallel.md. Notation as in longnet/plan.py.
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.autograd.function import once_differentiable
+from torch.distributed.distributed_c10d import _resolve_process_group
 
 from longnet import engine, selection
 from longnet.checks import flag
@@ -27,7 +27,7 @@ from longnet.plan import make_plan
 
 @dataclass(frozen=True)
 class Communication:
-    """Bytes this rank sent and received in the last sequence-parallel attention call.
+    """Bytes one rank sends and receives in a sequence-parallel attention call (`communication`).
 
     Forward: the sparse K and V, in the input dtype. Backward: their gradients, in the
     accumulation dtype (float32 for 16-bit inputs), so the sum over ranks is not rounded.
@@ -37,19 +37,6 @@ class Communication:
     forward_received: int = 0
     backward_sent: int = 0
     backward_received: int = 0
-
-
-_last_communication = Communication()
-
-
-def last_communication() -> Communication:
-    """The bytes of the last forward (and of the backward after it, once it ran)."""
-    return _last_communication
-
-
-def _record(communication: Communication) -> None:
-    global _last_communication
-    _last_communication = communication
 
 
 def _effective_segment_lengths(patterns, shard_len: int, world: int) -> tuple[int, ...]:
@@ -101,8 +88,8 @@ class _AllToAll:
         return self.received.permute(1, 2, 0, 3)
 
 
-def _keys_before(k, v, group, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V (b, (rank + 1) * L, g, d) of every position up to this shard's end: what the
+def _keys_before(k, v, group, rank: int, world: int) -> torch.Tensor:
+    """K and V (2, b, (rank + 1) * L, g, d) of every position up to this shard's end: what the
     content-selected pattern's queries may choose from (an all_gather of the shards).
 
     NOTE: this moves whole shards, O(n) bytes per rank; fetching only the chosen blocks from
@@ -110,8 +97,7 @@ def _keys_before(k, v, group, rank: int, world: int) -> tuple[torch.Tensor, torc
     stacked = torch.stack([k, v]).contiguous()  # (2, b, L, g, d)
     gathered = [torch.empty_like(stacked) for _ in range(world)]
     dist.all_gather(gathered, stacked, group=group)
-    prefix = torch.cat(gathered[: rank + 1], dim=2)  # (2, b, (rank + 1) * L, g, d)
-    return prefix[0], prefix[1]
+    return torch.cat(gathered[: rank + 1], dim=2)
 
 
 def _return_to_owners(grads: torch.Tensor, group, rank: int, world: int) -> torch.Tensor:
@@ -123,125 +109,214 @@ def _return_to_owners(grads: torch.Tensor, group, rank: int, world: int) -> torc
     return total[:, :, rank * shard_len : (rank + 1) * shard_len]
 
 
-class _SequenceParallelFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, plan, group, scale, kernel, overlap, chosen_blocks):
-        def exchange(x, send_counts, recv_counts):
-            return _AllToAll(x, send_counts, recv_counts, group, overlap)
-
-        acc = accumulation_dtype(q.dtype) if chosen_blocks else None
-        out, lse, received = engine.forward(
-            q, k, v, plan, scale=scale, kernel=kernel, exchange=exchange, out_dtype=acc
-        )
-        entry_bytes = 2 * q.shape[0] * q.shape[-1] * q.element_size()  # K and V of one entry
-        sent, got = sum(plan.send_counts) * entry_bytes, sum(plan.recv_counts) * entry_bytes
-        keys = values = None
-        if chosen_blocks:
-            top_k, block_size, window, rank, world = chosen_blocks
-            keys, values = _keys_before(k, v, group, rank, world)
-            offset = rank * q.shape[1]
-            part = selection.forward(
-                q, keys, values, block_size, top_k, window, scale, kernel, offset
-            )
-            out, lse = selection.mix(out, lse, *part)
-            out = out.to(q.dtype)
-            shard_bytes = k.numel() * 2 * k.element_size()
-            sent, got = sent + (world - 1) * shard_bytes, got + (world - 1) * shard_bytes
-        ctx.save_for_backward(q, k, v, out, lse, received, keys, values)
-        ctx.plan, ctx.scale, ctx.kernel, ctx.exchange = plan, scale, kernel, exchange
-        ctx.group, ctx.chosen_blocks = group, chosen_blocks
-        _record(Communication(forward_sent=sent, forward_received=got))
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        q, k, v, out, lse, received, keys, values = ctx.saved_tensors
-        plan = ctx.plan
-        grads = engine.backward(
-            grad_out,
-            q,
-            k,
-            v,
-            out,
-            lse,
-            received,
-            plan,
-            scale=ctx.scale,
-            kernel=ctx.kernel,
-            exchange=ctx.exchange,
-        )
-        entry_bytes = 2 * q.shape[0] * q.shape[-1] * lse.element_size()
-        sent, got = sum(plan.recv_counts) * entry_bytes, sum(plan.send_counts) * entry_bytes
-        if ctx.chosen_blocks:
-            top_k, block_size, window, rank, world = ctx.chosen_blocks
-            offset = rank * q.shape[1]
-            grad_q, grad_keys, grad_values = selection.backward(
-                grad_out, q, keys, values, out, lse, block_size, top_k, window, ctx.scale,
-                ctx.kernel, offset,
-            )  # fmt: skip
-            grad_k, grad_v = _return_to_owners(
-                torch.stack([grad_keys, grad_values]), ctx.group, rank, world
-            )
-            grads = tuple(
-                (a + b).to(a.dtype) for a, b in zip(grads, (grad_q, grad_k, grad_v), strict=True)
-            )
-            all_reduced = 2 * grad_keys.numel() // (rank + 1) * world
-            sent, got = (
-                sent + all_reduced * lse.element_size(),
-                got + all_reduced * lse.element_size(),
-            )
-        _record(dataclasses.replace(_last_communication, backward_sent=sent, backward_received=got))
-        return *grads, None, None, None, None, None, None
+def _selection(select_top_k, select_block_size, segment_lengths, rank, world):
+    """(top_k, block size, window, rank, world) of the content-selected pattern, or None."""
+    if not select_top_k:
+        return None
+    return select_top_k, select_block_size, segment_lengths[0], rank, world
 
 
-# Layouts every rank of a group agreed on: checked once each (one small collective).
-_agreed: set = set()
+def _shard_plan(q, k, segment_lengths, dilation_rates, causal, head_shift, rank, world):
+    patterns = tuple(zip(segment_lengths, dilation_rates, strict=True))
+    return make_plan(q.shape[1], q.shape[2], k.shape[2], patterns, causal, head_shift, rank, world)
+
+
+@torch.library.custom_op("longnet::sequence_parallel_attention", mutates_args=())
+def _attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_lengths: list[int],
+    dilation_rates: list[int],
+    causal: bool,
+    scale: float,
+    kernel: str,
+    head_shift: int,
+    select_top_k: int,
+    select_block_size: int,
+    group_name: str,
+    overlap: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out (b, L, h, d), lse (b, L, h), received (2, b, N_recv, d): the exchanged K and V,
+    keys_before (2, b, (rank + 1) * L, g, d): the K and V the selected pattern chose from)."""
+    group = _resolve_process_group(group_name)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    # Checked here too (once per layout), since a compiled caller skips the wrapper's check.
+    _agree(group_name, _describe(q, k, v, segment_lengths, dilation_rates, causal, scale, kernel,
+                                 head_shift, select_top_k, select_block_size))  # fmt: skip
+    plan = _shard_plan(q, k, segment_lengths, dilation_rates, causal, head_shift, rank, world)
+    chosen = _selection(select_top_k, select_block_size, segment_lengths, rank, world)
+    acc = accumulation_dtype(q.dtype) if chosen else None
+
+    def exchange(x, send_counts, recv_counts):
+        return _AllToAll(x, send_counts, recv_counts, group, overlap)
+
+    out, lse, received = engine.forward(
+        q, k, v, plan, scale=scale, kernel=kernel, exchange=exchange, out_dtype=acc
+    )
+    received = q.new_empty(0) if received is None else received
+    if not chosen:
+        return out, lse, received, q.new_empty(0)
+    top_k, block_size, window, _, _ = chosen
+    keys_before = _keys_before(k, v, group, rank, world)
+    part = selection.forward(
+        q, *keys_before, block_size, top_k, window, scale, kernel, rank * q.shape[1]
+    )
+    out, lse = selection.mix(out, lse, *part)
+    return out.to(q.dtype), lse, received, keys_before
+
+
+@_attention_op.register_fake
+def _(q, k, v, segment_lengths, dilation_rates, causal, scale, kernel, head_shift, select_top_k,
+      select_block_size, group_name, overlap):  # fmt: skip
+    group = _resolve_process_group(group_name)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    plan = _shard_plan(q, k, segment_lengths, dilation_rates, causal, head_shift, rank, world)
+    batch, shard_len, _, dim = q.shape
+    lse = q.new_empty(q.shape[:3], dtype=accumulation_dtype(q.dtype))
+    received = q.new_empty((2, batch, sum(plan.recv_counts), dim) if plan.exchanges else (0,))
+    keys_before = q.new_empty((2, batch, (rank + 1) * shard_len, *k.shape[2:]))
+    return torch.empty_like(q), lse, received, keys_before if select_top_k else q.new_empty(0)
+
+
+@torch.library.custom_op("longnet::sequence_parallel_attention_backward", mutates_args=())
+def _attention_backward_op(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    received: torch.Tensor,
+    keys_before: torch.Tensor,
+    segment_lengths: list[int],
+    dilation_rates: list[int],
+    causal: bool,
+    scale: float,
+    kernel: str,
+    head_shift: int,
+    select_top_k: int,
+    select_block_size: int,
+    group_name: str,
+    overlap: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    group = _resolve_process_group(group_name)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    plan = _shard_plan(q, k, segment_lengths, dilation_rates, causal, head_shift, rank, world)
+
+    def exchange(x, send_counts, recv_counts):
+        return _AllToAll(x, send_counts, recv_counts, group, overlap)
+
+    grads = engine.backward(
+        grad_out, q, k, v, out, lse, received if plan.exchanges else None, plan,
+        scale=scale, kernel=kernel, exchange=exchange,
+    )  # fmt: skip
+    chosen = _selection(select_top_k, select_block_size, segment_lengths, rank, world)
+    if not chosen:
+        return grads
+    top_k, block_size, window, _, _ = chosen
+    grad_q, grad_keys, grad_values = selection.backward(
+        grad_out, q, *keys_before, out, lse, block_size, top_k, window, scale, kernel,
+        rank * q.shape[1],
+    )  # fmt: skip
+    grad_k, grad_v = _return_to_owners(torch.stack([grad_keys, grad_values]), group, rank, world)
+    return tuple((a + b).to(a.dtype) for a, b in zip(grads, (grad_q, grad_k, grad_v), strict=True))
+
+
+@_attention_backward_op.register_fake
+def _(grad_out, q, k, v, *args):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, *ctx.arguments = inputs
+    ctx.save_for_backward(q, k, v, *output)
+
+
+def _backward(ctx, grad_out, *_):
+    # lse, received and keys_before are internal (the function returns out only): no gradient.
+    grads = _attention_backward_op(grad_out, *ctx.saved_tensors, *ctx.arguments)
+    return *grads, *[None] * len(ctx.arguments)
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def communication(
+    q, k, v, segment_lengths, dilation_rates, *, group=None, causal=False, head_shift=0,
+    select_top_k=0, select_block_size=32,
+) -> Communication:  # fmt: skip
+    """The bytes this rank sends and receives when it calls sequence_parallel_dilated_attention
+    with these arguments (forward and backward), from the plan: nothing runs."""
+    world, rank = _group_size_and_rank(group)
+    lengths, rates = list(segment_lengths), list(dilation_rates)
+    if not _communicates(lengths, q.shape[1], world, select_top_k):
+        return Communication()
+    plan = _shard_plan(q, k, lengths, rates, causal, head_shift, rank, world)
+    acc_size = torch.empty(0, dtype=accumulation_dtype(q.dtype)).element_size()
+    entry = 2 * q.shape[0] * q.shape[-1]  # K and V of one exchanged (position, kv head)
+    sent, received = sum(plan.send_counts) * entry, sum(plan.recv_counts) * entry
+    forward = [sent * q.element_size(), received * q.element_size()]
+    backward = [received * acc_size, sent * acc_size]  # the reverse exchange
+    if select_top_k:
+        # all_gather of the K and V shards, all_reduce of their gradients (world shards each)
+        shard = 2 * k.numel()
+        forward = [b + (world - 1) * shard * k.element_size() for b in forward]
+        backward = [b + world * shard * acc_size for b in backward]
+    return Communication(*forward, *backward)
+
+
+def _communicates(segment_lengths, shard_len: int, world: int, select_top_k: int) -> bool:
+    """Whether a key comes from another rank (a segment spans ranks, or the selected pattern
+    chooses from earlier shards): else one device's op runs on the shard."""
+    seq_len = world * shard_len
+    spans = any(min(w, seq_len) > shard_len for w in segment_lengths)
+    return world > 1 and (spans or bool(select_top_k))
 
 
 def _describe(
-    q, k, v, segment_lengths, dilation_rates, causal, softmax_scale, backend, head_shift
-) -> dict:
-    """What every rank of a group must pass alike, as comparable text."""
+    q, k, v, segment_lengths, dilation_rates, causal, softmax_scale, backend, head_shift,
+    select_top_k, select_block_size,
+) -> tuple[tuple[str, str], ...]:  # fmt: skip
+    """(name, text) of what every rank of a group must pass alike."""
 
     def tensor(x):
         if not isinstance(x, torch.Tensor):
             return type(x).__name__
         return f"{tuple(x.shape)} {x.dtype} {x.device.type}"
 
-    return {
-        "q (shape, dtype, device)": tensor(q),
-        "k (shape, dtype, device)": tensor(k),
-        "v (shape, dtype, device)": tensor(v),
-        "segment_lengths": repr(_as_list(segment_lengths)),
-        "dilation_rates": repr(_as_list(dilation_rates)),
-        "causal": repr(causal),
-        "softmax_scale": repr(softmax_scale),
-        "backend": repr(backend),
-        "head_shift": repr(head_shift),
-    }
+    def values(x):
+        return repr(list(x) if isinstance(x, (list, tuple)) else x)
+
+    return (
+        ("q (shape, dtype, device)", tensor(q)),
+        ("k (shape, dtype, device)", tensor(k)),
+        ("v (shape, dtype, device)", tensor(v)),
+        ("segment_lengths", values(segment_lengths)),
+        ("dilation_rates", values(dilation_rates)),
+        ("causal", repr(causal)),
+        ("softmax_scale", repr(softmax_scale)),
+        ("backend", repr(backend)),
+        ("head_shift", repr(head_shift)),
+        ("select_top_k, select_block_size", repr((select_top_k, select_block_size))),
+    )
 
 
-def _as_list(values):
-    return list(values) if isinstance(values, (list, tuple)) else values
-
-
-def _check_ranks_agree(description: dict, group, world: int) -> None:
+@functools.lru_cache(maxsize=256)
+def _agree(group_name: str, description: tuple[tuple[str, str], ...]) -> None:
     """ValueError on EVERY rank of the group, naming what differs, unless all ranks pass the
-    same layout. Ranks that disagree would otherwise hang, abort or compute wrong numbers."""
-    key = (group, tuple(description.values()))
-    if key in _agreed:
-        return
-    gathered = [None] * world
-    dist.all_gather_object(gathered, description, group=group)
-    differing = [name for name in description if len({d[name] for d in gathered}) > 1]
+    same description: ranks that disagree would otherwise hang, abort or compute wrong numbers.
+    One small collective per new layout (a layout that passed is remembered; a failure is not)."""
+    group = _resolve_process_group(group_name)
+    gathered = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, dict(description), group=group)
+    differing = [name for name, _ in description if len({d[name] for d in gathered}) > 1]
     if differing:
         details = "; ".join(
             f"{name}: " + ", ".join(f"rank {i} {d[name]}" for i, d in enumerate(gathered))
             for name in differing
         )
         raise ValueError(f"the ranks of the sequence-parallel group differ in {details}")
-    _agreed.add(key)
 
 
 def _group_size_and_rank(group) -> tuple[int, int]:
@@ -314,37 +389,34 @@ def sequence_parallel_dilated_attention(
     0.986 without).
     select_top_k > 0 adds the content-selected pattern, as in dilated_attention.
     """
-    arguments = (q, k, v, segment_lengths, dilation_rates, causal, softmax_scale, backend)
+    arguments = (
+        q, k, v, segment_lengths, dilation_rates, causal, softmax_scale, backend, head_shift,
+        select_top_k, select_block_size,
+    )  # fmt: skip
     world, rank = _group_size_and_rank(group)
-    if world > 1:
-        description = _describe(*arguments, head_shift)
-        description["select_top_k, select_block_size"] = repr((select_top_k, select_block_size))
-        _check_ranks_agree(description, group, world)
-    patterns, scale = check_arguments(*arguments, head_shift, select_top_k, select_block_size)
+    group_name = _group_name(group) if world > 1 else ""
+    if world > 1 and not torch.compiler.is_compiling():
+        # First, before any check one rank alone could fail: every rank raises alike.
+        _agree(group_name, _describe(*arguments))
+    patterns, scale = check_arguments(*arguments)
     kernel = kernel_for(backend, q, causal)
     overlap = default_overlap(group) if overlap is None else flag("overlap", overlap)
-    shard_len, heads, kv_heads = q.shape[1], q.shape[2], k.shape[2]
-    _effective_segment_lengths(patterns, shard_len, world)
-    plan = make_plan(shard_len, heads, kv_heads, patterns, causal, head_shift, rank, world)
-    chosen_blocks = None
-    if select_top_k:  # the pattern's arguments, the first segment length and this rank's place
-        chosen_blocks = (select_top_k, select_block_size, patterns[0][0], rank, world)
-    if not plan.exchanges and (world == 1 or not chosen_blocks):
+    _effective_segment_lengths(patterns, q.shape[1], world)
+    lengths, rates = ([pattern[i] for pattern in patterns] for i in (0, 1))
+    if not _communicates(lengths, q.shape[1], world, select_top_k):
         # no key comes from another rank (also P = 1): one device's op on the shard, on the
         # arguments checked above
-        _record(Communication())
         return attend(
-            q,
-            k,
-            v,
-            patterns,
-            causal=causal,
-            scale=scale,
-            backend=backend,
-            head_shift=head_shift,
-            select_top_k=select_top_k,
-            select_block_size=select_block_size,
-        )
-    return _SequenceParallelFunction.apply(
-        q, k, v, plan, group, scale, kernel, overlap, chosen_blocks
-    )
+            q, k, v, patterns, causal=causal, scale=scale, backend=backend,
+            head_shift=head_shift, select_top_k=select_top_k, select_block_size=select_block_size,
+        )  # fmt: skip
+    out, *_ = _attention_op(
+        q, k, v, lengths, rates, causal, scale, kernel, head_shift, select_top_k,
+        select_block_size, group_name, overlap,
+    )  # fmt: skip
+    return out
+
+
+def _group_name(group) -> str:
+    """The name custom ops take for a process group (they cannot take the object)."""
+    return (group if group is not None else dist.group.WORLD).group_name

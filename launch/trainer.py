@@ -527,9 +527,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         trainer = Trainer(config)
     except ValueError as error:
-        rank = torch.distributed.get_rank()
-        torch.distributed.destroy_process_group()
-        cli.fail(error, show=rank == 0)  # Trainer raises ValueError only after the group exists
+        # Trainer raises ValueError only after the group exists; fail() destroys it.
+        cli.fail(error, show=torch.distributed.get_rank() == 0)
     trainer.fit()
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()

@@ -24,10 +24,10 @@ from conftest import (
     reference_fn,
 )
 
-from longnet import DilatedAttention, dilated_attention
+from longnet import DilatedAttention, LongNetConfig, LongNetLM, dilated_attention
 from longnet.distributed import (
     Communication,
-    last_communication,
+    communication,
     sequence_parallel_dilated_attention,
     shard_sequence,
 )
@@ -71,7 +71,8 @@ def run_sequence_parallel(size, inputs, lengths, rates, causal):
     out.backward(grad_out)
     rank = torch.distributed.get_rank(group)
     tensors = (out.detach(), q.grad, k.grad, v.grad)
-    return rank, tensors, dataclasses.asdict(last_communication())
+    sent = communication(q, k, v, lengths, rates, group=group, causal=causal)
+    return rank, tensors, dataclasses.asdict(sent)
 
 
 def by_group(results: list) -> list[list]:
@@ -80,11 +81,11 @@ def by_group(results: list) -> list[list]:
     for result in results:
         if result is None:
             continue
-        rank, tensors, communication = result
+        rank, tensors, sent_and_received = result
         if rank in current:
             groups.append([current[r] for r in sorted(current)])
             current = {}
-        current[rank] = (tensors, communication)
+        current[rank] = (tensors, sent_and_received)
     return groups + [[current[r] for r in sorted(current)]]
 
 
@@ -138,10 +139,10 @@ def test_matches_single_device(size, case, causal):
             assert max_error(a, ref) <= TOLERANCE[torch.float64], name
         entry_bytes = 2 * batch * DIM * FLOAT64_BYTES  # K and V of one (position, kv head)
         layout = (size, shard_len, heads, kv_heads, lengths, rates, causal)
-        for rank, (_, communication) in enumerate(shards):
+        for rank, (_, sent_and_received) in enumerate(shards):
             received = sum(exchanged_entries(j, rank, *layout) for j in range(size))
             sent = sum(exchanged_entries(rank, j, *layout) for j in range(size))
-            assert communication == {
+            assert sent_and_received == {
                 "forward_sent": sent * entry_bytes,
                 "forward_received": received * entry_bytes,
                 "backward_sent": received * entry_bytes,
@@ -163,7 +164,7 @@ def test_bytes_follow_the_formula(causal):
     q, k, v = make_qkv(generator, batch, size * shard_len, heads, heads, DIM)
     inputs = tuple(x.detach() for x in (q, k, v, randn(generator, *q.shape)))
     results = distributed_utils.run(run_sequence_parallel, size, inputs, lengths, rates, causal)
-    for rank, _, communication in results:
+    for rank, _, sent_and_received in results:
         expected = 0.0
         for w, r in zip(lengths, rates, strict=True):
             w = min(w, size * shard_len)
@@ -174,8 +175,8 @@ def test_bytes_follow_the_formula(causal):
                 expected += 2 * (earlier * shard_len / r) * heads * DIM * FLOAT64_BYTES * batch
             else:
                 expected += 2 * (w / r) * heads * DIM * FLOAT64_BYTES * batch * (1 - shard_len / w)
-        assert communication["forward_received"] == expected
-        assert communication["backward_sent"] == expected
+        assert sent_and_received["forward_received"] == expected
+        assert sent_and_received["backward_sent"] == expected
 
 
 def run_layer(size, state, x, grad_out, options):
@@ -261,7 +262,7 @@ def test_single_process_matches_reference():
         reference_fn(lengths, rates, True),
         TOLERANCE[torch.float64],
     )
-    assert last_communication() == Communication()
+    assert communication(q, k, v, lengths, rates, causal=True) == Communication()
 
 
 def run_layouts(inputs, lengths, rates, causal):
@@ -398,3 +399,46 @@ def test_overlap_is_off_by_default_on_gloo():
     """gloo's communication thread competes with the CPU kernels: no overlap unless asked."""
     results = distributed_utils.run(backend_default, None)
     assert all(not world and not pair for world, pair in results)
+
+
+def run_compiled_model(backend):
+    """Worker (groups of 2 ranks): a LongNetLM's loss and parameter gradients on this rank's
+    shard, eager and compiled with fullgraph; the exchange and the selected pattern's gather run
+    inside the custom op."""
+    group, member = sp_group(2)
+    if not member:
+        return None
+    config = LongNetConfig(
+        vocab_size=40, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=48,
+        segment_lengths=(4, 8, 32), dilation_rates=(1, 2, 4), select_top_k=2,
+        select_block_size=4, position="rotary",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    attention = functools.partial(sequence_parallel_dilated_attention, group=group)
+    model = LongNetLM(config, attention_fn=attention)
+    tokens = torch.randint(
+        0, config.vocab_size, (2, 33), generator=torch.Generator().manual_seed(0)
+    )
+    inputs, targets = (shard_sequence(x, group) for x in (tokens[:, :-1], tokens[:, 1:]))
+    offset = torch.distributed.get_rank(group) * inputs.shape[1]
+
+    def loss_and_grads(fn):
+        model.zero_grad()
+        loss = fn(inputs, targets, position_offset=offset, return_logits=False).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    torch._dynamo.reset()
+    compiled = loss_and_grads(torch.compile(model, fullgraph=True, backend=backend))
+    return compiled, loss_and_grads(model)
+
+
+def test_whole_model_compiles_with_fullgraph_under_sequence_parallelism():
+    """torch.compile(fullgraph=True) of a LongNetLM whose layers run the sequence-parallel op
+    (2 ranks, a pattern spanning them, the content-selected pattern): no graph break, the eager
+    loss and gradients on every rank."""
+    for result in distributed_utils.run(run_compiled_model, "aot_eager"):
+        (compiled_loss, compiled_grads), (eager_loss, eager_grads) = result
+        assert abs(compiled_loss - eager_loss) < 1e-5
+        for compiled_grad, eager_grad in zip(compiled_grads, eager_grads, strict=True):
+            assert max_error(compiled_grad, eager_grad) < 1e-5
