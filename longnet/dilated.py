@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from longnet import engine, selection
+from longnet import engine, selection, varlen
 from longnet.checks import choice, flag, int_at_least, positive_ints
 from longnet.kernels import BACKENDS, accumulation_dtype, resolve_backend
 from longnet.plan import make_plan
@@ -239,6 +239,8 @@ def dilated_attention(
     head_shift: int = 0,
     select_top_k: int = 0,
     select_block_size: int = 32,
+    cu_seqlens=None,
+    attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """LongNet dilated attention, exactly as docs/semantics.md defines it.
 
@@ -253,11 +255,19 @@ def dilated_attention(
     query also attends the select_top_k complete blocks of select_block_size tokens before its
     segment of the first pattern that score highest by q . mean(k of the block), mixed by Eq. 10
     as one more pattern.
+
+    Documents (longnet/varlen.py): each is its own sequence (segments start at its first token,
+    no key crosses its boundary), given as cu_seqlens, flash-attn's int offsets 0 = o_0 <= ...
+    <= o_D = b * n of the documents in the flattened (b * n) tokens (a packed row, b = 1, or a
+    batch), or as attention_mask (b, n), True on tokens and False on padding (one contiguous run
+    per row: left or right padding), whose padding outputs zero. Either is read on the host
+    (one sync for a CUDA tensor).
     """
     patterns, scale = check_arguments(
         q, k, v, segment_lengths, dilation_rates, causal, softmax_scale, backend, head_shift,
         select_top_k, select_block_size,
     )  # fmt: skip
+    documents = check_documents(q.shape, cu_seqlens, attention_mask)
     return attend(
         q,
         k,
@@ -269,7 +279,19 @@ def dilated_attention(
         head_shift=head_shift,
         select_top_k=select_top_k,
         select_block_size=select_block_size,
+        documents=documents,
     )
+
+
+def check_documents(shape, cu_seqlens, attention_mask) -> varlen.Documents | None:
+    """The documents of a (b, n, ...) input from cu_seqlens or attention_mask (at most one)."""
+    if cu_seqlens is not None and attention_mask is not None:
+        raise ValueError("give cu_seqlens or attention_mask, not both")
+    if cu_seqlens is not None:
+        return varlen.from_cu_seqlens(cu_seqlens, *shape[:2])
+    if attention_mask is not None:
+        return varlen.from_attention_mask(attention_mask, *shape[:2])
+    return None
 
 
 def attend(
@@ -284,13 +306,22 @@ def attend(
     head_shift: int = 0,
     select_top_k: int = 0,
     select_block_size: int = 32,
+    documents: varlen.Documents | None = None,
 ) -> torch.Tensor:
     """dilated_attention on arguments already checked (check_arguments, or a layer's
     construction): no argument check here, since a model runs it in every layer on every step.
-    patterns as check_patterns returns them; scale a float."""
+    patterns as check_patterns returns them; scale a float; documents as check_documents
+    returns them."""
     lengths, rates = (list(values) for values in zip(*patterns, strict=True))
     kernel = kernel_for(backend, q, causal)
-    out, _ = _attention_op(
-        q, k, v, lengths, rates, causal, scale, kernel, head_shift, select_top_k, select_block_size
-    )
-    return out
+
+    def attend_rows(q, k, v):
+        out, _ = _attention_op(
+            q, k, v, lengths, rates, causal, scale, kernel, head_shift, select_top_k,
+            select_block_size,
+        )  # fmt: skip
+        return out
+
+    if documents is None:
+        return attend_rows(q, k, v)
+    return varlen.run(q, k, v, documents, causal, attend_rows)

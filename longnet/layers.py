@@ -8,7 +8,14 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from longnet.dilated import attend, check_options, dilated_attention, resolve_softmax_scale
+from longnet import varlen
+from longnet.dilated import (
+    attend,
+    check_documents,
+    check_options,
+    dilated_attention,
+    resolve_softmax_scale,
+)
 
 AttentionFn = Callable[..., torch.Tensor]
 
@@ -138,8 +145,15 @@ class DilatedAttention(nn.Module):
         v = rearrange(v, "b n (g d) -> b n g d", d=self.head_dim)
         return q, k, v
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """(b, n, h, d) attention output of projected q, k, v."""
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        documents: varlen.Documents | None = None,
+    ) -> torch.Tensor:
+        """(b, n, h, d) attention output of projected q, k, v; documents as check_documents
+        returns them (each its own sequence)."""
         if self.attention_fn is dilated_attention:  # its arguments were checked in __init__
             return attend(
                 q,
@@ -152,6 +166,12 @@ class DilatedAttention(nn.Module):
                 head_shift=self.head_shift,
                 select_top_k=self.select_top_k,
                 select_block_size=self.select_block_size,
+                documents=documents,
+            )
+        if documents is not None:
+            raise ValueError(
+                "documents (cu_seqlens or attention_mask) run on longnet.dilated_attention only, "
+                f"not on attention_fn {getattr(self.attention_fn, '__name__', self.attention_fn)}"
             )
         lengths, rates = zip(*self.patterns, strict=True)
         return self.attention_fn(
@@ -174,10 +194,15 @@ class DilatedAttention(nn.Module):
             return {}
         return {"select_top_k": self.select_top_k, "select_block_size": self.select_block_size}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cu_seqlens=None, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x (b, n, d_model) -> (b, n, d_model); cu_seqlens or attention_mask as for
+        dilated_attention (each document its own sequence; the attention is zero on padding)."""
         if x.dim() != 3 or x.shape[-1] != self.out_proj.in_features:
             raise ValueError(
                 f"x must have shape (batch, seq, {self.out_proj.in_features}), got {tuple(x.shape)}"
             )
-        out = self.attend(*self.project(x))
+        documents = check_documents(x.shape, cu_seqlens, attention_mask)
+        out = self.attend(*self.project(x), documents)
         return self.dropout(self.out_proj(rearrange(out, "b n h d -> b n (h d)")))

@@ -27,12 +27,13 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from longnet import varlen
 from longnet.config import BlockConfig, LongNetConfig
-from longnet.dilated import dilated_attention
+from longnet.dilated import check_documents, dilated_attention
 from longnet.generation import KVCache, LayerCache, check_sampling, decode_attention, sample_next
 from longnet.kernels import accumulation_dtype
 from longnet.layers import AttentionFn, DilatedAttention, MagnetoLinear
-from longnet.positions import make_positions, relative_positions
+from longnet.positions import fold, make_positions, relative_positions
 
 IGNORE_INDEX = -100
 
@@ -91,7 +92,11 @@ class SelfAttention(DilatedAttention):
         self.inner_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
 
     def forward(
-        self, x: torch.Tensor, encoding: tuple, cache: LayerCache | None = None
+        self,
+        x: torch.Tensor,
+        encoding: tuple,
+        cache: LayerCache | None = None,
+        documents: varlen.Documents | None = None,
     ) -> torch.Tensor:
         q, k, v = self.project(x)
         q, k = self.positions.apply(q, k, encoding)
@@ -109,7 +114,8 @@ class SelfAttention(DilatedAttention):
             if cache is not None:  # prefill
                 cache.append(k, v)
             extra = k.shape[-1] - v.shape[-1]
-            out = self.attend(q, k, F.pad(v, (0, extra)) if extra else v)[..., : self.head_dim]
+            out = self.attend(q, k, F.pad(v, (0, extra)) if extra else v, documents)
+            out = out[..., : self.head_dim]
         out = self.out_proj(self.inner_norm(rearrange(out, "b n h d -> b n (h d)")))
         return self.dropout(out)
 
@@ -153,9 +159,13 @@ class TransformerBlock(nn.Module):
         self.ffn = FeedForward(config, gain)
 
     def forward(
-        self, x: torch.Tensor, encoding: tuple = (), cache: LayerCache | None = None
+        self,
+        x: torch.Tensor,
+        encoding: tuple = (),
+        cache: LayerCache | None = None,
+        documents: varlen.Documents | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), encoding, cache)
+        x = x + self.attn(self.attn_norm(x), encoding, cache, documents)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -172,15 +182,19 @@ class TransformerStack(nn.ModuleList):
         self.checkpointing = config.activation_checkpointing
 
     def forward(
-        self, x: torch.Tensor, encoding: tuple = (), cache: KVCache | None = None
+        self,
+        x: torch.Tensor,
+        encoding: tuple = (),
+        cache: KVCache | None = None,
+        documents: varlen.Documents | None = None,
     ) -> torch.Tensor:
         for i, block in enumerate(self):
             if cache is not None:
-                x = block(x, encoding, cache.layers[i])
+                x = block(x, encoding, cache.layers[i], documents)
             elif self.checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, encoding, use_reentrant=False)
+                x = checkpoint(block, x, encoding, None, documents, use_reentrant=False)
             else:
-                x = block(x, encoding)
+                x = block(x, encoding, None, documents)
         return x
 
 
@@ -325,9 +339,15 @@ class LongNetLM(nn.Module):
         return sum(p.numel() for p in self.parameters() if id(p) not in skip)
 
     def hidden_states(
-        self, tokens: torch.Tensor, position_offset: int = 0, cache: KVCache | None = None
+        self,
+        tokens: torch.Tensor,
+        position_offset: int = 0,
+        cache: KVCache | None = None,
+        cu_seqlens=None,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """tokens (b, n) -> final-normed hidden states (b, n, D)."""
+        """tokens (b, n) -> final-normed hidden states (b, n, D); cu_seqlens and attention_mask
+        as for forward."""
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.is_floating_point():
             raise ValueError(
                 f"tokens must be an integer tensor of shape (batch, seq), got "
@@ -350,12 +370,18 @@ class LongNetLM(nn.Module):
                     f"after the prompt, the cache takes one token at a time, got {tokens.shape[1]}"
                 )
             position_offset = cache.length
+        documents = check_documents(tokens.shape, cu_seqlens, attention_mask)
+        if documents is not None and cache is not None:
+            raise ValueError("cu_seqlens and attention_mask do not run with a cache yet")
         x = self.embed(tokens)  # (b, n, D)
-        positions = relative_positions(
-            position_offset, tokens.shape[1], self.config.position_period, tokens.device
-        )
+        if documents is None:
+            positions = relative_positions(
+                position_offset, tokens.shape[1], self.config.position_period, tokens.device
+            )
+        else:  # each document's from 0, as when it runs alone
+            positions = fold(documents.positions(tokens.device), self.config.position_period)
         encoding = self.positions.encode(positions, accumulation_dtype(x.dtype))
-        return self.norm(self.blocks(x, encoding, cache))
+        return self.norm(self.blocks(x, encoding, cache, documents))
 
     def forward(
         self,
@@ -365,6 +391,8 @@ class LongNetLM(nn.Module):
         cache: KVCache | None = None,
         return_logits: bool = True,
         loss_weights: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cu_seqlens=None,
     ) -> LMOutput:
         """tokens (b, n) int, and optionally labels (b, n): labels[:, i] is the token that should
         follow tokens[:, i] (already shifted; IGNORE_INDEX = -100 where there is none), which lets
@@ -381,6 +409,12 @@ class LongNetLM(nn.Module):
         loss_weights (b, n) float weighs each label's cross-entropy (a retrieval answer can count
         as much as the rest of its row): loss_sum is the weighted sum and num_tokens the sum of
         the weights of the labels that are not IGNORE_INDEX.
+
+        Documents, each its own sequence (segments start at its first token, no key crosses its
+        boundary): attention_mask (b, n), True on tokens and False on padding (left or right),
+        whose labels are then ignored, or cu_seqlens, flash-attn's offsets of packed documents
+        in the flattened (b * n) tokens (the label of a document's last token is the caller's
+        to ignore). As for longnet.dilated_attention; not with a cache yet.
         """
         if labels is not None and (
             not isinstance(labels, torch.Tensor) or labels.shape != tokens.shape
@@ -396,7 +430,11 @@ class LongNetLM(nn.Module):
                 f"loss_weights must have the shape of tokens {tuple(tokens.shape)}, got "
                 f"{tuple(getattr(loss_weights, 'shape', ()))}"
             )
-        hidden = self.hidden_states(tokens, position_offset, cache)  # (b, n, D)
+        hidden = self.hidden_states(
+            tokens, position_offset, cache, cu_seqlens=cu_seqlens, attention_mask=attention_mask
+        )  # (b, n, D)
+        if labels is not None and attention_mask is not None:
+            labels = labels.masked_fill(~attention_mask.bool(), IGNORE_INDEX)
         if labels is None:
             return LMOutput(self.lm_head(hidden))
         hidden, targets = hidden.flatten(0, 1), labels.flatten()  # (b*n, D), (b*n,)

@@ -32,7 +32,11 @@ XPOS_GAMMA = 0.4  # Sun et al. 2022, section 3.2
 def relative_positions(start: int, length: int, period: int | None, device=None) -> torch.Tensor:
     """(length,) int64: positions start .. start+length-1, from the middle of their period (as
     they are when period is None: tokens at any distance interact)."""
-    positions = torch.arange(start, start + length, device=device)
+    return fold(torch.arange(start, start + length, device=device), period)
+
+
+def fold(positions: torch.Tensor, period: int | None) -> torch.Tensor:
+    """int64 positions (any shape) from the middle of their period (unchanged for None)."""
     return positions if period is None else positions % period - period // 2
 
 
@@ -52,7 +56,7 @@ class NoPositions:
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (b, n, heads, d) with each pair (x_i, x_{i+d/2}) rotated; cos, sin (n, 1, d/2)."""
+    """x (b, n, heads, d) with each pair (x_i, x_{i+d/2}) rotated; cos, sin ([b,] n, 1, d/2)."""
     dtype = accumulation_dtype(x.dtype)
     x1, x2 = x.to(dtype).chunk(2, dim=-1)
     cos, sin = cos.to(dtype), sin.to(dtype)
@@ -73,9 +77,10 @@ class Rotary:
         return torch.arange(0, self.head_dim, 2, dtype=torch.float64, device=device) / self.head_dim
 
     def encode(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple:
+        """positions (n,) or (b, n) -> cos and sin ([b,] n, 1, d/2)."""
         # float64 angles, so that positions far from 0 keep their full precision.
-        angles = positions.double()[:, None] * self.base ** -self._exponents(positions.device)
-        return angles.cos()[:, None].to(dtype), angles.sin()[:, None].to(dtype)  # (n, 1, d/2)
+        angles = positions.double()[..., None] * self.base ** -self._exponents(positions.device)
+        return tuple(x.unsqueeze(-2).to(dtype) for x in (angles.cos(), angles.sin()))
 
     def apply(self, q: torch.Tensor, k: torch.Tensor, encoding: tuple):
         cos, sin = encoding
@@ -94,7 +99,7 @@ class XPos(Rotary):
     def encode(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple:
         cos, sin = super().encode(positions, torch.float64)
         zeta = (self._exponents(positions.device) + XPOS_GAMMA) / (1 + XPOS_GAMMA)
-        scale = (zeta ** (positions.double()[:, None] / self.scale_base))[:, None]  # (n, 1, d/2)
+        scale = (zeta ** (positions.double()[..., None] / self.scale_base)).unsqueeze(-2)
         return tuple(x.to(dtype) for x in (cos * scale, sin * scale, cos / scale, sin / scale))
 
     def apply(self, q: torch.Tensor, k: torch.Tensor, encoding: tuple):
@@ -148,10 +153,10 @@ class ALiBi:
         kv_heads = k.shape[2]
         factors = torch.tensor(self.slopes, dtype=torch.float64, device=q.device)
         a_hi, a_lo = _split(factors / self.softmax_scale, q.dtype)  # (h,)
-        p_hi, p_lo = _split(positions, k.dtype)  # (n,)
+        p_hi, p_lo = _split(positions, k.dtype)  # (n,) or (b, n)
         pad = (0, self.extra_dims - 4)
         q_extra = F.pad(torch.stack([a_hi, a_hi, a_lo, a_lo], dim=-1), pad)  # (h, 8)
-        k_extra = F.pad(torch.stack([p_hi, p_lo, p_hi, p_lo], dim=-1), pad)[:, None]  # (n, 1, 8)
+        k_extra = F.pad(torch.stack([p_hi, p_lo, p_hi, p_lo], dim=-1), pad).unsqueeze(-2)
         q = torch.cat([q, q_extra.expand(batch, length, heads, -1)], dim=-1)
         k = torch.cat([k, k_extra.expand(batch, length, kv_heads, -1)], dim=-1)
         return q, k
