@@ -179,10 +179,19 @@ class LongNetConfig(BlockConfig):
 
     @classmethod
     def from_dict(cls, values: dict) -> LongNetConfig:
-        """A config from to_dict's output; unknown keys raise ValueError naming them."""
+        """A config from to_dict's output; unknown keys raise ValueError naming them. A
+        transformers config of model_type "longnet" (its config.json) also reads: the keys that
+        transformers adds are left out."""
         if not isinstance(values, dict):
             raise ValueError(f"a LongNetConfig is read from a mapping, got {values!r}")
-        unknown = sorted(set(values) - {field.name for field in dataclasses.fields(cls)})
+        fields = {field.name for field in dataclasses.fields(cls)}
+        if "model_type" in values:
+            if values["model_type"] != "longnet":
+                raise ValueError(
+                    f"model_type {values['model_type']!r} is not a LongNet model ('longnet')"
+                )
+            values = {key: value for key, value in values.items() if key in fields}
+        unknown = sorted(set(values) - fields)
         if unknown:
             raise ValueError(f"unknown LongNetConfig fields {unknown}")
         return cls(**values)

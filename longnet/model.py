@@ -516,7 +516,10 @@ class LongNetLM(nn.Module):
         # Each file written whole or not at all: an interrupted save leaves no truncated file.
         weights, config = directory / f"{WEIGHTS_FILE}.tmp", directory / f"{CONFIG_FILE}.tmp"
         save_model(self, str(weights))
-        config.write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        # model_type and architectures: what transformers' AutoConfig and AutoModelForCausalLM
+        # read (longnet.integrations.transformers registers "longnet").
+        metadata = {"model_type": "longnet", "architectures": ["LongNetForCausalLM"]}
+        config.write_text(json.dumps(metadata | self.config.to_dict(), indent=2) + "\n")
         weights.replace(directory / WEIGHTS_FILE)
         config.replace(directory / CONFIG_FILE)
         return directory

@@ -2,6 +2,7 @@
 stack, the wheel ships the subpackages, the configs and the extras, and the installed trainer
 runs by name from any folder."""
 
+import re
 import shutil
 import subprocess
 import sys
@@ -22,6 +23,7 @@ TRAINING_STACK = (
     "huggingface_hub",
     "matplotlib",
     "tqdm",
+    "transformers",
 )
 LIGHT = """
 import sys
@@ -83,7 +85,8 @@ def test_wheel_ships_packages_configs_and_extras(tmp_path):
         assert "longnet-train = longnet.launch.trainer:main" in archive.read(entry_points).decode()
     shipped = {p.name for p in (REPO / "configs").glob("*.yaml")}
     assert {f"longnet/configs/{name}" for name in shipped} <= names
-    for module in ("launch/data/packing", "launch/config", "distributed/__init__", "dilated"):
+    modules = ("launch/data/packing", "launch/config", "distributed/__init__", "dilated")
+    for module in (*modules, "integrations/transformers"):
         assert f"longnet/{module}.py" in names
     assert "LongNet.py" in names
     always = sorted(r.split(">")[0].split("=")[0] for r in requires if "extra ==" not in r)
@@ -91,11 +94,13 @@ def test_wheel_ships_packages_configs_and_extras(tmp_path):
 
     def extra(name: str) -> set[str]:
         marker = f'; extra == "{name}"'
-        return {r.removesuffix(marker).split(">")[0] for r in requires if r.endswith(marker)}
+        found = (r.removesuffix(marker) for r in requires if r.endswith(marker))
+        return {r if "==" in r else re.split(r"[<>=!~,]", r)[0] for r in found}  # pins kept
 
     assert {"safetensors", "huggingface_hub"} == extra("hub")
     assert extra("hub") | {"deepspeed", "datasets", "wandb", "pydantic", "pyyaml"} <= extra("train")
     assert extra("cpu") == {"torch==2.13.0"}
+    assert "transformers" in extra("hf") and extra("hub") <= extra("hf")
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,184 @@
+"""LongNet's dilated attention inside Hugging Face transformers models (extra `hf`).
+
+    import longnet.integrations.transformers as longnet_hf   # registers "longnet"
+    config = LlamaConfig(..., segment_lengths=[2048, 4096], dilation_rates=[1, 2])
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="longnet")
+
+`register()` (run on import) adds the attention implementation "longnet" to transformers'
+AttentionInterface, with the mask function that hands it the (b, n) padding mask (flash
+attention's: transformers gives implementations without one no mask at all). The patterns come
+from the model config: `segment_lengths` and `dilation_rates`, set by the user on any decoder
+config; optionally `head_shift`. transformers' layout is (b, h, n, d), longnet's (b, n, h, d):
+the adapter transposes views, no copies.
+
+Each row's tokens (the True run of its attention_mask, left or right padding) are one document:
+its segments start at its first token, as if it ran alone (longnet/varlen.py).
+
+`LongNetForCausalLM` is LongNetLM as a transformers PreTrainedModel (model_type "longnet",
+registered with AutoConfig and AutoModelForCausalLM on import): the same modules under the
+same state-dict names, so that a folder written by LongNetLM.save_pretrained or
+launch/export.py loads into either. It follows transformers' conventions: input_ids,
+attention_mask, labels=input_ids (shifted inside; LongNetLM takes labels already shifted).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+import torch
+import torch.nn.functional as F
+from transformers import (
+    AttentionInterface,
+    AutoConfig,
+    AutoModelForCausalLM,
+    GenerationMixin,
+    PreTrainedConfig,
+    PreTrainedModel,
+)
+from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from longnet.config import LongNetConfig
+from longnet.dilated import dilated_attention
+from longnet.model import IGNORE_INDEX, LongNetLM
+
+NAME = "longnet"
+
+
+def patterns_of(config) -> tuple[list[int], list[int]]:
+    """The model config's segment_lengths and dilation_rates; ValueError naming what is missing."""
+    lengths = getattr(config, "segment_lengths", None)
+    rates = getattr(config, "dilation_rates", None)
+    if lengths is None or rates is None:
+        raise ValueError(
+            f'attn_implementation="{NAME}" reads segment_lengths and dilation_rates from the '
+            f"model config; set both on {type(config).__name__} (e.g. config.segment_lengths = "
+            f"[2048, 4096]; config.dilation_rates = [1, 2])"
+        )
+    return list(lengths), list(rates)
+
+
+def attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention function: query (b, h, q_len, d), key and value (b, g, kv_len, d)
+    (kv_len > q_len when a cache holds earlier tokens), attention_mask (b, m) bool or None (no
+    padding) -> (out (b, q_len, h, d), None: dilated attention has no weights to return)."""
+    if dropout:
+        raise ValueError(f'attn_implementation="{NAME}" has no attention dropout, got {dropout}')
+    lengths, rates = patterns_of(module.config)
+    q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # (b, n, h, d)
+    if attention_mask is not None:
+        k, v = k[:, : attention_mask.shape[1]], v[:, : attention_mask.shape[1]]  # a static cache
+        if bool(attention_mask.all()):
+            attention_mask = None
+    if q.shape[1] != k.shape[1]:
+        raise NotImplementedError("cached decoding with attn_implementation='longnet'")
+    out = dilated_attention(
+        q, k, v, lengths, rates,
+        causal=getattr(module, "is_causal", True),
+        softmax_scale=scaling,
+        head_shift=getattr(module.config, "head_shift", 0),
+        attention_mask=attention_mask,
+    )  # fmt: skip
+    return out, None
+
+
+def _config_fields() -> list[tuple]:
+    """LongNetConfig's fields, with their defaults, as transformers config fields."""
+    hints = typing.get_type_hints(LongNetConfig)
+    return [
+        (f.name, hints[f.name], dataclasses.field(default=f.default))
+        for f in dataclasses.fields(LongNetConfig)
+    ]
+
+
+LongNetHFConfig = dataclasses.make_dataclass(
+    "LongNetHFConfig",
+    _config_fields(),
+    bases=(PreTrainedConfig,),
+    namespace={
+        "__doc__": "LongNetConfig's fields as a transformers config (model_type 'longnet').",
+        "model_type": NAME,
+        "tie_word_embeddings": property(lambda self: self.tie_embeddings),
+        "to_longnet": lambda self: LongNetConfig(
+            **{f.name: getattr(self, f.name) for f in dataclasses.fields(LongNetConfig)}
+        ),
+    },
+    repr=False,
+    kw_only=True,
+)
+
+
+class LongNetForCausalLM(PreTrainedModel, GenerationMixin):
+    """LongNetLM under transformers' PreTrainedModel and GenerationMixin; its modules (embed,
+    blocks, norm, lm_head) are LongNetLM's, so are its state-dict names."""
+
+    config_class = LongNetHFConfig
+    base_model_prefix = ""
+    main_input_name = "input_ids"
+    _tied_weights_keys = {"lm_head.weight": "embed.weight"}
+    _no_split_modules = ["TransformerBlock"]
+
+    def __init__(self, config):
+        super().__init__(config)
+        model = LongNetLM(config.to_longnet())
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        # The LongNetLM that runs the forward, sharing these modules (not a second child).
+        object.__setattr__(self, "longnet", model)
+        self.post_init()
+
+    def _init_weights(self, module: torch.nn.Module) -> None:
+        """LongNet's own initialisation (MAGNETO gains): the module's reset_parameters."""
+        tied_head = module is self.lm_head and self.config.tie_embeddings
+        if module is not self and hasattr(module, "reset_parameters") and not tied_head:
+            module.reset_parameters()
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.embed
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.lm_head
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        past_key_values=None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """input_ids (b, n); attention_mask (b, n) 1 on tokens, 0 on padding (left or right);
+        labels (b, n) as transformers has them (labels=input_ids: each position predicts the
+        next, shifted here; -100 ignored) -> loss and logits (b, n, V)."""
+        if past_key_values is not None or use_cache:
+            raise NotImplementedError(
+                "LongNetForCausalLM has no transformers cache yet: generate(..., use_cache=False)"
+            )
+        shifted = None if labels is None else F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None
+        out = self.longnet(input_ids, shifted, attention_mask=attention_mask)
+        return CausalLMOutputWithPast(loss=out.loss, logits=out.logits)
+
+
+def register() -> None:
+    """Adds attn_implementation="longnet" to transformers, and model_type "longnet" to
+    AutoConfig and AutoModelForCausalLM (idempotent)."""
+    AttentionInterface.register(NAME, attention_forward)
+    AttentionMaskInterface.register(NAME, flash_attention_mask)
+    AutoConfig.register(NAME, LongNetHFConfig, exist_ok=True)
+    AutoModelForCausalLM.register(LongNetHFConfig, LongNetForCausalLM, exist_ok=True)
+
+
+register()

@@ -1,0 +1,126 @@
+"""longnet.integrations.transformers: attn_implementation="longnet" on transformers models built
+from config (Llama, Qwen2), against sdpa where one pattern covers the sequence and against the
+unpadded rows for padded batches; LongNetForCausalLM loading LongNetLM's folders through
+AutoModelForCausalLM, with transformers' conventions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+import longnet.integrations.transformers as longnet_hf  # registers "longnet"
+from longnet import LongNetConfig, LongNetLM
+
+FAMILIES = {
+    "llama": transformers.LlamaConfig,
+    "qwen2": transformers.Qwen2Config,
+}
+
+
+def build(family: str, implementation: str, lengths, rates, seed: int = 0):
+    config = FAMILIES[family](
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    )  # fmt: skip
+    config.segment_lengths, config.dilation_rates = lengths, rates
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(
+        config, attn_implementation=implementation
+    )
+    return model.double().eval()
+
+
+def logits_and_grads(model, ids, mask=None):
+    model.zero_grad()
+    out = model(ids, attention_mask=mask, labels=ids)
+    out.loss.backward()
+    return out.logits.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_one_pattern_over_the_sequence_is_sdpa(family):
+    """w >= n, r = 1 is dense causal attention: logits and gradients equal sdpa's."""
+    ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(0))
+    ours = build(family, "longnet", [32], [1])
+    sdpa = build(family, "sdpa", [32], [1])
+    sdpa.load_state_dict(ours.state_dict())
+    (logits, grads), (expected, expected_grads) = (logits_and_grads(m, ids) for m in (ours, sdpa))
+    assert (logits - expected).abs().max() < 1e-10
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        assert (grad - expected_grad).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("lengths, rates", [([32], [1]), ([4, 8, 16], [1, 2, 4])])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_padded_rows_equal_the_unpadded_rows(family, lengths, rates):
+    """Left and right padding: each row's logits are those of its tokens alone, for the dense
+    pattern and a real mixture."""
+    model = build(family, "longnet", lengths, rates)
+    ids = torch.randint(0, 64, (3, 20), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(3, 20, dtype=torch.long)
+    mask[0, :6] = 0  # left
+    mask[1, 15:] = 0  # right
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask).logits
+        for row in range(3):
+            tokens = mask[row].bool()
+            alone = model(ids[row : row + 1, tokens]).logits[0]
+            assert (logits[row, tokens] - alone).abs().max() < 1e-5, row
+
+
+def test_a_model_without_patterns_is_refused():
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2,
+    )  # fmt: skip
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="longnet")
+    with pytest.raises(ValueError, match="segment_lengths and dilation_rates"):
+        model(torch.zeros(1, 8, dtype=torch.long))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A LongNetLM and the folder its save_pretrained (what launch/export.py calls) wrote."""
+    config = LongNetConfig(
+        vocab_size=40, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=48,
+        segment_lengths=(4, 8, 16), dilation_rates=(1, 2, 4), position="rotary",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LongNetLM(config).eval()
+    return model, model.save_pretrained(tmp_path_factory.mktemp("export") / "model")
+
+
+def test_auto_model_loads_an_exported_folder(exported, tmp_path):
+    """AutoModelForCausalLM gives LongNetForCausalLM with LongNetLM's state dict and logits;
+    its own save loads back into LongNetLM; dtype is honoured."""
+    model, folder = exported
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert isinstance(loaded, longnet_hf.LongNetForCausalLM)
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+    assert loaded.lm_head.weight is loaded.embed.weight
+    tokens = torch.randint(0, 40, (2, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, model(tokens).logits)
+        loaded.save_pretrained(tmp_path)
+        assert torch.equal(LongNetLM.from_pretrained(tmp_path)(tokens).logits, model(tokens).logits)
+    half = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    assert half.embed.weight.dtype == torch.bfloat16
+
+
+def test_transformers_conventions(exported):
+    """labels=input_ids is LongNetLM's shifted loss; attention_mask pads; greedy generate equals
+    LongNetLM's."""
+    model, folder = exported
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokens = torch.randint(0, 40, (2, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        loss = loaded(tokens, labels=tokens).loss
+        assert abs(loss - model(tokens[:, :-1], tokens[:, 1:]).loss) < 1e-6
+        mask = torch.ones(2, 20, dtype=torch.long)
+        mask[0, :5] = 0
+        padded = loaded(tokens, attention_mask=mask).logits
+        assert (padded[0, 5:] - model(tokens[:1, 5:]).logits[0]).abs().max() < 1e-5
+        generated = loaded.generate(tokens, max_new_tokens=6, do_sample=False, use_cache=False)
+        assert torch.equal(generated, model.generate(tokens, 6, top_k=1))
