@@ -356,7 +356,10 @@ class LongNetLM(nn.Module):
             )
         if tokens.numel() == 0:
             raise ValueError(f"tokens must not be empty, got shape {tuple(tokens.shape)}")
-        if not torch.compiler.is_compiling():  # a host sync would break the compiled graph
+        # NOTE: checking costs a host sync, which would stall a GPU once per step and break a
+        # compiled graph: CUDA batches are checked where they are made (the trainer checks its
+        # tokenizer against vocab_size; generate() checks its prompt).
+        if tokens.device.type == "cpu" and not torch.compiler.is_compiling():
             check_token_ids(tokens, self.config.vocab_size)
         if isinstance(position_offset, bool) or not isinstance(position_offset, int):
             raise ValueError(f"position_offset must be an int >= 0, got {position_offset!r}")
@@ -493,6 +496,7 @@ class LongNetLM(nn.Module):
         module's mode: call eval() first.
         """
         check_sampling(max_new_tokens, temperature, top_k)
+        check_token_ids(tokens, self.config.vocab_size)  # once, on any device
         length = tokens.shape[1] + max_new_tokens
         # The content-selected pattern may read any earlier key: it keeps the whole text.
         longest = length if self.config.select_top_k else max(self.config.segment_lengths)

@@ -161,11 +161,12 @@ def forward(
     means = block_means(k, block_size)  # a NaN key's block scores NaN: topk ranks it first
     heads, kv_heads = q.shape[2], k.shape[2]
     # NOTE: both forms multiply zero weights by the keys and values of blocks a query did not
-    # choose, so a NaN would reach queries that never read it; NaN entries enter as 0 and the
-    # queries that chose their blocks are marked NaN below (a host sync on CUDA).
-    nan_entries = k.isnan().any(-1) | v.isnan().any(-1)  # (b, s, g)
+    # choose, so a NaN would reach queries that never read it. On CPU, NaN entries enter as 0
+    # and the queries that chose their blocks are marked NaN below; elsewhere that would cost a
+    # host sync per call, so NaN spreads as in SDPA (to more outputs, never dropped).
+    nan_entries = k.isnan().any(-1) | v.isnan().any(-1) if k.device.type == "cpu" else None
     nan_blocks = readers = None
-    if bool(nan_entries.any()):
+    if nan_entries is not None and bool(nan_entries.any()):
         m = k.shape[1] // block_size
         blocks = nan_entries[:, : m * block_size].unflatten(1, (m, block_size)).any(2)
         nan_blocks = blocks.transpose(1, 2).flatten()  # (b*g*m,): block-table order
