@@ -21,15 +21,15 @@ which and why and leaving the damaged folder in place (until that step is saved 
 other programs refuse. A checkpoint saved before manifests existed (its COMPLETE records none)
 cannot be verified: it is accepted with a warning.
 
-Resuming: rank 0 alone decides what to resume from (verifying included) and hands its decision
-to every rank (on a shared filesystem that lags, ranks listing the folder themselves can see
-different latest steps). A checkpoint written by another layout (world size, data- or
-sequence-parallel degree) is refused before anything loads: DeepSpeed's ZeRO shards are laid out
-per rank.
+Resuming: plan_resume decides what to resume from (verifying included); rank 0 alone runs it and
+hands its decision to every rank (longnet.launch.runtime.agree_on_resume). A checkpoint written
+by another layout (world size, data- or sequence-parallel degree) is refused before anything
+loads: DeepSpeed's ZeRO shards are laid out per rank.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import pickle
@@ -295,25 +295,6 @@ def plan_resume(
     return found
 
 
-def agree_on_resume(
-    resume: str, output_dir: str | Path, current: dict[str, int], hashes: bool = True
-) -> tuple[Path, str] | None:
-    """plan_resume decided (and reported) on rank 0 and broadcast: every rank gets the same
-    answer, or the same ValueError. A collective: every rank calls it."""
-    import torch.distributed as dist
-
-    decision = [None, None]
-    if dist.get_rank() == 0:
-        try:
-            decision[0] = plan_resume(resume, output_dir, current, hashes)
-        except ValueError as error:
-            decision[1] = str(error)
-    dist.broadcast_object_list(decision, src=0)
-    if decision[1] is not None:
-        raise ValueError(decision[1])
-    return decision[0]
-
-
 # -- saving ---------------------------------------------------------------------------------------
 
 
@@ -356,6 +337,22 @@ def model_weights(folder: Path) -> dict:
         return {name: value.float() for name, value in states["module"].items()}
     except READ_ERRORS as error:
         raise unreadable(folder, error, MODEL_STATES) from None
+
+
+def merged_weights(directory: Path, tag: str) -> dict:
+    """The model's float32 weights from checkpoint `tag` of any ZeRO stage: the model file without
+    ZeRO, else the optimizer shards merged by DeepSpeed's zero_to_fp32 (which unpickles them, as
+    DeepSpeed's resume does: only for runs you trust)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    folder = directory / tag
+    if not has_optimizer_shards(folder):  # no ZeRO: the whole model in one file
+        return model_weights(folder)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed reports as it merges
+            return get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag)
+    except READ_ERRORS as error:  # only where no manifest could catch it first
+        raise unreadable(folder, error) from None
 
 
 def unreadable(folder: Path, error: BaseException, file: str | None = None) -> ValueError:

@@ -5,6 +5,8 @@
 
 Under torchrun or deepspeed every rank holds a slice of each window (sequence parallelism, for
 contexts one process cannot hold): perplexity, positions and copy; passkey decodes in one process.
+The model runs on the device, and the ranks talk over the backend, that training uses
+(longnet.launch.runtime: CUDA and NCCL on GPUs, gloo on CPUs).
 
 RUN_OR_MODEL_DIR is a run folder (its latest complete checkpoint, its corpus) or an exported
 model folder (the corpus of --data-config, default the stdlib with the byte tokenizer). Windows
@@ -32,7 +34,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import string
 import sys
 import time
@@ -40,18 +41,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from longnet import LongNetLM
-from longnet.distributed import check_layout, sequence_parallel_dilated_attention, shard_sequence
-from longnet.launch import cli
+from longnet.distributed import ProcessGrid, check_layout
+from longnet.launch import cli, runtime
 from longnet.launch.config import load_config
 from longnet.launch.data import Corpus, DataConfig, load
 from longnet.launch.data.passkey import KEY, QUESTION, plant, random_key
-from longnet.launch.generate import load_run
 from longnet.launch.plot import plot_evaluation
-from longnet.model import CONFIG_FILE
 
 TASKS = ("perplexity", "positions", "copy", "passkey")
 COPY_LENGTH = 32
@@ -63,46 +61,42 @@ def load_model(
     path: Path, data_config: Path | None, hashes: bool = True
 ) -> tuple[LongNetLM, DataConfig]:
     """The model in eval mode (a run's checkpoint verified, with content hashes when `hashes`)
-    and the data config of its corpus."""
-    if (path / CONFIG_FILE).is_file():
-        model = LongNetLM.from_pretrained(path)
-        data = load_config(data_config).data if data_config else DataConfig()
-    elif (path / "config.yaml").is_file():
-        model, _ = load_run(path, None, hashes)
-        data = load_config(data_config or path / "config.yaml").data
-    else:
-        raise ValueError(f"{str(path)!r} is neither a run folder nor an exported model")
-    return model, data
+    and the data config of its corpus: --data-config's, else the run's (an exported model's
+    default: the stdlib with the byte tokenizer)."""
+    model, run = runtime.load(path, hashes=hashes)
+    if data_config:
+        return model, load_config(data_config).data
+    return model, run.data if run else DataConfig()
 
 
 @torch.no_grad()
-def token_losses(model: LongNetLM, tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """tokens (b, n + 1) -> the cross-entropy of each next token (b, n), float32. Under
-    sequence parallelism (see sequence_parallel) each rank runs its slice of every window."""
-    world = dist.get_world_size() if dist.is_initialized() else 1
+def token_losses(
+    model: LongNetLM, tokens: torch.Tensor, batch_size: int, grid: ProcessGrid | None = None
+) -> torch.Tensor:
+    """tokens (b, n + 1) -> the cross-entropy of each next token (b, n), float32, on the CPU.
+    Under sequence parallelism (grid, see sequence_parallel) each rank runs its slice of every
+    window."""
+    device = next(model.parameters()).device
     parts = []
     for chunk in tokens.split(batch_size):
-        inputs, targets = chunk[:, :-1], chunk[:, 1:]
-        if world > 1:
-            inputs, targets = shard_sequence(inputs), shard_sequence(targets)
-        offset = dist.get_rank() * inputs.shape[1] if world > 1 else 0
-        logits = model(inputs, position_offset=offset).logits.float()  # (b, n / world, V)
-        losses = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-        if world > 1:
-            slices = [torch.empty_like(losses) for _ in range(world)]
-            dist.all_gather(slices, losses)
-            losses = torch.cat(slices, dim=1)  # (b, n)
-        parts.append(losses)
+        pair = {"inputs": chunk[:, :-1], "targets": chunk[:, 1:]}
+        mine, offset = runtime.shard(pair, grid, device)
+        logits = model(mine["inputs"], position_offset=offset).logits.float()  # (b, n / sp, V)
+        losses = F.cross_entropy(logits.transpose(1, 2), mine["targets"], reduction="none")
+        parts.append(runtime.unshard(losses, grid).cpu())  # (b, n)
     return torch.cat(parts)
 
 
-def sequence_parallel(model: LongNetLM, tasks: list[str], contexts: list[int]) -> LongNetLM:
-    """Under torchrun or deepspeed (WORLD_SIZE > 1): a gloo group of every rank and the model
-    on sequence-parallel attention, each rank holding 1/world of each window; the contexts must
-    split (ValueError before any work). One process: the model as it is."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+def sequence_parallel(
+    model: LongNetLM, tasks: list[str], contexts: list[int]
+) -> tuple[LongNetLM, ProcessGrid | None]:
+    """Under torchrun or deepspeed (WORLD_SIZE > 1): the process group of every rank, on the
+    trainer's backend (runtime.start), and the model on sequence-parallel attention, each rank
+    holding 1/world of each window; the contexts must split (ValueError before any work). One
+    process: the model as it is, no grid."""
+    world = runtime.world_size()
     if world == 1:
-        return model
+        return model, None
     if "passkey" in tasks:
         raise ValueError("--tasks passkey decodes in one process: run it without a launcher")
     config = model.config
@@ -111,8 +105,8 @@ def sequence_parallel(model: LongNetLM, tasks: list[str], contexts: list[int]) -
             check_layout(config.segment_lengths, config.dilation_rates, context, world)
         except ValueError as error:
             raise ValueError(f"--context-lengths {context} cannot be split: {error}") from None
-    dist.init_process_group("gloo")
-    return rebuilt(model, attention_fn=sequence_parallel_dilated_attention)
+    grid = runtime.start(sequence_parallel=world)
+    return rebuilt(model, attention_fn=runtime.attention(grid)), grid
 
 
 def rebuilt(model: LongNetLM, attention_fn=None, **patterns) -> LongNetLM:
@@ -136,13 +130,16 @@ def windows(corpus: Corpus, length: int, count: int) -> torch.Tensor:
     return torch.cat([rows["input_ids"], rows["labels"][:, -1:]], dim=1)
 
 
-def evaluate_perplexity(model, corpus, contexts, count, batch_size) -> tuple[dict, torch.Tensor]:
+def evaluate_perplexity(
+    model, corpus, contexts, count, batch_size, grid=None
+) -> tuple[dict, torch.Tensor]:
     """({context: {loss, perplexity, bits_per_byte, tokens}}, losses of the longest windows)."""
     longest, scored = max(contexts), min(contexts)
     tokens = windows(corpus, longest, count)  # (N, longest + 1)
     results, full = {}, None
     for context in sorted(contexts):
-        losses = token_losses(model, tokens[:, longest - context :], batch_size)  # (N, context)
+        window = tokens[:, longest - context :]
+        losses = token_losses(model, window, batch_size, grid)  # (N, context)
         if context == longest:
             full = losses
         loss = losses[:, -scored:].double().mean().item()
@@ -179,7 +176,9 @@ def copy_distances(longest: int) -> list[int]:
     return distances
 
 
-def evaluate_copy(model, corpus, longest: int, count: int, batch_size: int, seed: int) -> list:
+def evaluate_copy(
+    model, corpus, longest: int, count: int, batch_size: int, seed: int, grid=None
+) -> list:
     """[{distance, loss}] of the second copy (from its third token), see the module notes."""
     tokenizer, base = corpus.tokenizer, windows(corpus, longest, count)
     rng = np.random.default_rng([seed, 0xC0B1])
@@ -192,7 +191,7 @@ def evaluate_copy(model, corpus, longest: int, count: int, batch_size: int, seed
             second = longest + 1 - len(ids)
             row[second:] = ids
             row[second - distance : second - distance + len(ids)] = ids
-        losses = token_losses(model, tokens, batch_size)  # (N, longest)
+        losses = token_losses(model, tokens, batch_size, grid)  # (N, longest)
         loss = losses[:, second + 1 :].double().mean().item()  # labels of copy tokens 3 .. m
         results.append({"distance": distance, "loss": loss})
     return results
@@ -204,7 +203,7 @@ def evaluate_passkey(model, corpus, contexts, depths, count, batch_size, seed) -
     through the cache. A window's record: context, depth, key_position (first token of the
     key's digits), question_position (first token of the question), answer_position (first
     answer token), key, predicted (the decoded tokens as text), exact."""
-    results, records = [], []
+    results, records, device = [], [], next(model.parameters()).device
     for context in sorted(contexts):
         base = windows(corpus, context, count)  # (N, context + 1)
         for depth in depths:
@@ -220,10 +219,10 @@ def evaluate_passkey(model, corpus, contexts, depths, count, batch_size, seed) -
             prompts, answers = torch.tensor(np.stack(prompts)), torch.tensor(np.stack(answers))
             decoded = torch.cat(
                 [
-                    model.generate(p, answers.shape[1], top_k=1)[:, -answers.shape[1] :]
+                    model.generate(p.to(device), answers.shape[1], top_k=1)[:, -answers.shape[1] :]
                     for p in prompts.split(batch_size)
                 ]
-            )  # (N, answer)
+            ).cpu()  # (N, answer)
             right = decoded == answers
             results.append(
                 {
@@ -273,8 +272,11 @@ def check_arguments(tasks, contexts, depths) -> None:
         raise ValueError(f"the copy task needs a context of >= {3 * COPY_LENGTH} tokens")
 
 
-def evaluate(model, corpus, tasks, contexts, count, batch_size, seed=0, depths=DEPTHS) -> dict:
-    """The JSON of the module notes (with the model's patterns and parameter count)."""
+def evaluate(
+    model, corpus, tasks, contexts, count, batch_size, seed=0, depths=DEPTHS, grid=None
+) -> dict:
+    """The JSON of the module notes (with the model's patterns and parameter count); grid: the
+    ranks' sequence-parallel grid (see sequence_parallel), None in one process."""
     check_arguments(tasks, contexts, depths)
     config = model.config
     results = {
@@ -288,13 +290,13 @@ def evaluate(model, corpus, tasks, contexts, count, batch_size, seed=0, depths=D
     }
     start = time.perf_counter()
     if "perplexity" in tasks or "positions" in tasks:
-        ppl, full = evaluate_perplexity(model, corpus, contexts, count, batch_size)
+        ppl, full = evaluate_perplexity(model, corpus, contexts, count, batch_size, grid)
         if "perplexity" in tasks:
             results["perplexity"] = ppl
         if "positions" in tasks:
             results["positions"] = position_buckets(full)
     if "copy" in tasks:
-        results["copy"] = evaluate_copy(model, corpus, max(contexts), count, batch_size, seed)
+        results["copy"] = evaluate_copy(model, corpus, max(contexts), count, batch_size, seed, grid)
     if "passkey" in tasks:
         results["passkey"], results["passkey_windows"] = evaluate_passkey(
             model, corpus, contexts, depths, count, batch_size, seed
@@ -358,7 +360,8 @@ def main(argv: list[str] | None = None) -> None:
                 segment_lengths=tuple(args.segment_lengths or model.config.segment_lengths),
                 dilation_rates=tuple(args.dilation_rates or model.config.dilation_rates),
             )
-        model = sequence_parallel(model, tasks, args.context_lengths)
+        model, grid = sequence_parallel(model, tasks, args.context_lengths)
+        model = model.to(runtime.device())
         data.passkey_fraction, data.seq_len_schedule = 0.0, None
         corpus = load(data)
         windows(corpus, max(args.context_lengths), args.windows)  # enough, before any task runs
@@ -371,14 +374,13 @@ def main(argv: list[str] | None = None) -> None:
             args.batch_size,
             args.seed,
             depths,
+            grid,
         )
     except (ValueError, FileNotFoundError) as error:
-        cli.fail(error, show=int(os.environ.get("RANK", "0")) == 0)
-    if dist.is_initialized():
-        rank = dist.get_rank()
-        dist.destroy_process_group()
-        if rank:
-            return
+        cli.fail(error, show=runtime.rank() == 0)
+    runtime.finish()
+    if runtime.rank():
+        return
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=1) + "\n")
     stem = args.output.with_suffix("")

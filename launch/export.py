@@ -13,21 +13,16 @@ trust. Bad input: one line `error: ...`, exit status 2, nothing written.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from pathlib import Path
 
-import torch
-
-from longnet import LongNetLM
-from longnet.launch import checkpoint, cli
-from longnet.launch.config import load_config
+from longnet.launch import checkpoint, cli, runtime
 from longnet.model import CONFIG_FILE, WEIGHTS_FILE
 
 
-def find_checkpoint(run: Path, step: int | None) -> tuple[Path, str]:
-    """(checkpoints folder, tag) of step `step` (default: the latest complete one) of `run`."""
-    if not (run / "config.yaml").is_file():
+def find_checkpoint(run: Path, step: int | None) -> str:
+    """The tag of step `step` (default: the latest complete one) of `run`."""
+    if not (run / runtime.RUN_CONFIG).is_file():
         raise ValueError(f"{str(run)!r} is not a training run (no config.yaml)")
     directory = checkpoint.checkpoint_dir(run)
     steps = checkpoint.complete_steps(directory)
@@ -37,21 +32,7 @@ def find_checkpoint(run: Path, step: int | None) -> tuple[Path, str]:
         step = steps[-1]
     if step not in steps:
         raise ValueError(f"--step {step}: {str(run)!r} has complete checkpoints at steps {steps}")
-    return directory, checkpoint.tag(step)
-
-
-def consolidated_state_dict(directory: Path, tag: str) -> dict[str, torch.Tensor]:
-    """The model's float32 weights from a DeepSpeed checkpoint of any ZeRO stage."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    folder = directory / tag
-    if not checkpoint.has_optimizer_shards(folder):  # no ZeRO: the whole model in one file
-        return checkpoint.model_weights(folder)
-    try:  # ZeRO 1-3: merge the shards
-        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed reports as it merges
-            return get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag)
-    except checkpoint.READ_ERRORS as error:  # only where no manifest could catch it first
-        raise checkpoint.unreadable(folder, error) from None
+    return checkpoint.tag(step)
 
 
 def check_out(out: Path) -> None:
@@ -69,11 +50,9 @@ def check_out(out: Path) -> None:
 def export(run: Path, out: Path, step: int | None = None, hashes: bool = True) -> Path:
     """Checks first, the cheap ones first (nothing is written on a bad argument), then writes
     out/."""
-    directory, tag = find_checkpoint(run, step)
+    tag = find_checkpoint(run, step)
     check_out(out)
-    checkpoint.verified(directory / tag, hashes)  # reads every byte of the checkpoint
-    model = LongNetLM(load_config(run / "config.yaml").model.build())
-    model.load_state_dict(consolidated_state_dict(directory, tag))
+    model, _ = runtime.load_run(run, tag, hashes, merge_shards=True)
     return model.save_pretrained(out)
 
 

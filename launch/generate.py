@@ -21,31 +21,9 @@ from pathlib import Path
 import torch
 
 from longnet import LongNetLM
-from longnet.launch import checkpoint, cli
+from longnet.launch import cli, runtime
 from longnet.launch.config import load_config
 from longnet.launch.data import Tokenizer, make_tokenizer
-from longnet.model import CONFIG_FILE
-
-
-def load_run(run: Path, tag: str | None, hashes: bool = True) -> tuple[LongNetLM, str]:
-    """The model of a run's checkpoint (verified) and the run's tokenizer spec."""
-    config = load_config(run / "config.yaml")
-    if config.deepspeed.get("zero_optimization", {}).get("stage", 0) == 3:
-        raise ValueError(
-            f"{run} trained with ZeRO-3, whose checkpoints hold shards: run "
-            f"`python launch/export.py {run} OUT` and pass OUT"
-        )
-    directory = checkpoint.checkpoint_dir(run)
-    steps = checkpoint.complete_steps(directory)
-    if tag is None and not steps:
-        raise ValueError(f"{run} has no complete checkpoint")
-    tag = tag or checkpoint.tag(steps[-1])
-    if not (directory / tag / checkpoint.COMPLETE).is_file():
-        raise ValueError(f"--checkpoint {tag}: no complete checkpoint of that name in {directory}")
-    checkpoint.verified(directory / tag, hashes)
-    model = LongNetLM(config.model.build())
-    model.load_state_dict(checkpoint.model_weights(directory / tag))
-    return model.eval(), config.data.tokenizer
 
 
 def check_sampling(args: argparse.Namespace) -> None:
@@ -64,7 +42,7 @@ def check_sampling(args: argparse.Namespace) -> None:
 def tokenizer_of(args: argparse.Namespace, exported: bool) -> Tokenizer:
     """--tokenizer, else the run's own (an exported model's default: byte)."""
     if args.tokenizer is None:
-        spec = "byte" if exported else load_config(args.model / "config.yaml").data.tokenizer
+        spec = "byte" if exported else load_config(args.model / runtime.RUN_CONFIG).data.tokenizer
         return make_tokenizer(spec)
     try:
         return make_tokenizer(args.tokenizer)
@@ -88,16 +66,11 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str, vocab_size: int) -> torch.T
 def load(args: argparse.Namespace) -> tuple[LongNetLM, torch.Tensor, Tokenizer]:
     """(model, prompt tokens, tokenizer), every argument checked before the model loads."""
     check_sampling(args)
-    exported = (args.model / CONFIG_FILE).is_file()
-    if not exported and not (args.model / "config.yaml").is_file():
-        raise ValueError(f"{str(args.model)!r} is neither a run folder nor an exported model")
+    exported = runtime.is_export(args.model)
     if exported and args.checkpoint:
         raise ValueError(f"--checkpoint names a run's checkpoint; {args.model} is an export")
     tokenizer = tokenizer_of(args, exported)
-    if exported:
-        model = LongNetLM.from_pretrained(args.model)
-    else:
-        model, _ = load_run(args.model, args.checkpoint, args.hashes)
+    model, _ = runtime.load(args.model, args.checkpoint, args.hashes)
     return model, encode_prompt(tokenizer, args.prompt, model.config.vocab_size), tokenizer
 
 

@@ -16,11 +16,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import functools
 import hashlib
 import math
-import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -28,14 +25,9 @@ from pathlib import Path
 import torch
 
 from longnet import LongNetLM
-from longnet.distributed import (
-    ParallelDims,
-    check_layout,
-    sequence_parallel_dilated_attention,
-    shard_sequence,
-)
+from longnet.distributed import check_layout
 from longnet.distributed.grid import single_rank_group
-from longnet.launch import checkpoint, cli, data
+from longnet.launch import checkpoint, cli, data, runtime
 from longnet.launch.config import Config, load_config, save_config
 from longnet.launch.metrics import MetricsLogger
 from longnet.model import IGNORE_INDEX
@@ -91,10 +83,6 @@ class SequenceDataParallelMPU:
 def count_parameters(model: torch.nn.Module) -> int:
     """Distinct parameters, also of a model partitioned by ZeRO-3 (which empties .data)."""
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-
-
-def _world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -213,65 +201,27 @@ def build_model(config: Config, grid, ds_config: dict, mpu) -> LongNetLM:
     build, with no gathering."""
     import deepspeed
 
-    attention_fn = functools.partial(sequence_parallel_dilated_attention, group=grid.sp_group)
     torch.manual_seed(config.train.seed)
     stage3 = zero_stage(ds_config) == 3
     with deepspeed.zero.Init(config_dict_or_path=ds_config, mpu=mpu, enabled=stage3):
-        return LongNetLM(config.model.build(), attention_fn=attention_fn)
-
-
-def _init_distributed() -> None:
-    import deepspeed
-
-    if "RANK" not in os.environ:  # plain `python`: a world of one
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        os.environ.update(
-            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-        )
-    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-    if restart is not None:
-        # NOTE: torchrun --max-restarts reuses its store across restarts (torch 2.13), so a
-        # restarted group would read the dead group's gloo addresses and hang or fail; keys
-        # prefixed per restart keep the attempts apart.
-        from deepspeed.accelerator import get_accelerator
-
-        store, rank, world = next(torch.distributed.rendezvous("env://"))
-        torch.distributed.init_process_group(
-            get_accelerator().communication_backend_name(),
-            store=torch.distributed.PrefixStore(f"longnet/attempt_{restart}", store),
-            rank=rank,
-            world_size=world,
-        )
-    deepspeed.init_distributed(verbose=False)  # adopts an initialised process group
+        return LongNetLM(config.model.build(), attention_fn=runtime.attention(grid))
 
 
 class Trainer:
     def __init__(self, config: Config):
         import deepspeed
-        from deepspeed.accelerator import get_accelerator
 
         self.config = config
-        world = _world_size()
-        _init_distributed()
-        dist = torch.distributed
         sp = config.parallel.sequence_parallel_size
-        self.grid = ParallelDims(world // sp, sp, world).build()
+        self.grid = runtime.start(sequence_parallel=sp)
+        deepspeed.init_distributed(verbose=False)  # adopts the process group
+        dist = torch.distributed
         self.rank0 = self.grid.rank == 0
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        accelerator = get_accelerator()
-        self.device = torch.device(accelerator.device_name(local_rank))
-        if self.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-            # The node's cores, shared by its ranks (torchrun sets OMP_NUM_THREADS itself).
-            local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
-        else:
-            accelerator.set_device(local_rank)
+        self.device = runtime.device()
         dims = self.grid.dims
         self.layout = checkpoint.layout(dims.world_size, dims.data_parallel, sp)
         # Before anything is written or loaded: a refused resume leaves the run as it was.
-        resume = checkpoint.agree_on_resume(
+        resume = runtime.agree_on_resume(
             config.checkpoint.resume,
             config.run.output_dir,
             self.layout,
@@ -281,7 +231,7 @@ class Trainer:
         # The tokenised corpus: built once per node (caches are usually node-local), then read.
         # A corpus found bad while reading stops every rank, before the run folder is touched.
         error = None
-        if local_rank == 0:
+        if runtime.local_rank() == 0:
             try:
                 data.prepare(config.data)
             except ValueError as exception:
@@ -322,8 +272,8 @@ class Trainer:
         self._train_sets = {config.data.seq_len: self.corpus.train}  # curriculum stages
         if self.rank0:
             print(
-                f"LongNet {count_parameters(model) / 1e6:.2f}M parameters, world {world} = "
-                f"dp {self.grid.dims.data_parallel} x sp {sp}, device {self.device}, "
+                f"LongNet {count_parameters(model) / 1e6:.2f}M parameters, world "
+                f"{dims.world_size} = dp {dims.data_parallel} x sp {sp}, device {self.device}, "
                 f"{f'resuming after step {self.step}' if self.step else 'starting'}",
                 file=sys.stderr,
             )
@@ -339,22 +289,15 @@ class Trainer:
 
     # -- one micro-batch ------------------------------------------------------------------------
 
-    def _shard(self, rows: dict) -> dict[str, torch.Tensor]:
-        """This rank's slice (b, n / sp) of each of input_ids, labels and loss_weights (rows
-        with a pass key weigh its answer, longnet.launch.data.passkey)."""
-        return {
-            key: shard_sequence(value, self.grid.sp_group).to(self.device)
-            for key, value in rows.items()
-        }
-
     def _loss(self, rows: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(loss to backpropagate, this slice's loss sum, its token count or, with loss weights,
-        its weight), see module notes."""
-        mine = self._shard(rows)
+        its weight), see module notes. rows: input_ids, labels and, with pass keys, loss_weights
+        (longnet.launch.data.passkey); this rank runs its slice of each."""
+        mine, offset = runtime.shard(rows, self.grid, self.device)
         out = self.engine(
             mine["input_ids"],
             labels=mine["labels"],
-            position_offset=self.grid.sp_rank * mine["input_ids"].shape[1],
+            position_offset=offset,
             return_logits=False,
             loss_weights=mine.get("loss_weights"),
         )
@@ -521,14 +464,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
-        validate(config, _world_size())
+        validate(config, runtime.world_size())
     except ValueError as error:
-        cli.fail(error, show=int(os.environ.get("RANK", "0")) == 0)
+        cli.fail(error, show=runtime.rank() == 0)
     try:
         trainer = Trainer(config)
     except ValueError as error:
         # Trainer raises ValueError only after the group exists; fail() destroys it.
         cli.fail(error, show=torch.distributed.get_rank() == 0)
     trainer.fit()
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    runtime.finish()

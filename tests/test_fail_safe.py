@@ -37,7 +37,7 @@ from distributed_utils import (
 )
 
 from longnet import LongNetConfig, LongNetLM
-from longnet.launch import checkpoint, evaluate, export, generate
+from longnet.launch import checkpoint, evaluate, export, generate, runtime
 from longnet.launch.metrics import read_metrics
 
 MODEL = checkpoint.MODEL_STATES
@@ -218,7 +218,7 @@ def _decide_with_a_damaged_latest(root: str) -> tuple:
     if rank == 0:
         truncate(view / "step_000006" / MODEL)
     with contextlib.redirect_stderr(io.StringIO()) as stderr:
-        found = checkpoint.agree_on_resume("auto", view.parent, current)
+        found = runtime.agree_on_resume("auto", view.parent, current)
     return found[1], stderr.getvalue()
 
 

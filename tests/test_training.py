@@ -35,7 +35,7 @@ from distributed_utils import (
     train_records,
 )
 
-from longnet.launch import checkpoint
+from longnet.launch import checkpoint, runtime
 from longnet.launch.metrics import read_metrics
 
 TRAIN = "launch/train.py"
@@ -244,9 +244,9 @@ def _resume_with_lagging_listings(root: str) -> tuple:
     for step in [3, 6] if rank == 0 else [3]:
         (view / checkpoint.tag(step)).mkdir(parents=True, exist_ok=True)
         checkpoint.mark_complete(view, step, keep=5, current=layout)
-    _, tag = checkpoint.agree_on_resume("auto", view.parent, layout)
+    _, tag = runtime.agree_on_resume("auto", view.parent, layout)
     try:
-        checkpoint.agree_on_resume("auto", view.parent, checkpoint.layout(4, 4, 1))
+        runtime.agree_on_resume("auto", view.parent, checkpoint.layout(4, 4, 1))
     except ValueError as error:
         return tag, str(error)
     return tag, None
