@@ -47,8 +47,9 @@ def queries(call: Call, x: torch.Tensor) -> torch.Tensor:
 
 
 def own_keys(call: Call, x: torch.Tensor) -> torch.Tensor:
-    """(b*m, call heads, c, d) of x (b, n, g, d): each query head's kv head."""
-    parts = [to_kernel(block.select_kv(x)) for block in call.blocks]
+    """(b*m, call heads, c, d) of x (b, n, g, d): each query head's kv head, at the positions
+    of call.keys where the call names them (decoding), else at the queries' own."""
+    parts = [to_kernel(block.select_kv(x)) for block in call.keys or call.blocks]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
@@ -60,7 +61,7 @@ def received_keys(call: Call, received: torch.Tensor) -> tuple[torch.Tensor, tor
 
 def split(call: Call, part: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """A call's (b*m, call heads, c, ...) result as one (b*m, hb, c, ...) view per block."""
-    return part.split(call.head_counts, dim=1)
+    return (part,) if len(call.blocks) == 1 else part.split(call.head_counts, dim=1)
 
 
 def merge(out, lse, block: Block, part_out, part_lse, first: bool) -> None:
@@ -107,8 +108,9 @@ def sparse_kv(k: torch.Tensor, v: torch.Tensor, plan: Plan) -> torch.Tensor:
 
 
 def reads(flags: torch.Tensor, causal: bool, count: int) -> torch.Tensor:
-    """(b*m, call heads, c): whether each query of a call reads a flagged key, from the flags
-    (b*m, call heads, s) of its keys in the call's order (causal: key j <= query j)."""
+    """(b*m, call heads, count): whether each of a call's `count` queries reads a flagged key,
+    from the flags (b*m, call heads, s) of its keys in the call's order (causal: key j <= query
+    j)."""
     if causal:
         return flags.cumsum(-1) > 0
     return flags.any(-1, keepdim=True).expand(-1, -1, count)
@@ -126,33 +128,36 @@ def forward(
     out_dtype: torch.dtype | None = None,
 ):
     """(out (b, n, h, d) in out_dtype (default q's), lse (b, n, h) in the accumulation dtype,
-    received)."""
+    received). k, v (b, n, g, d), or (b, s, g, d) where the plan's calls name their key blocks
+    (decoding: a window of cached keys)."""
     acc = accumulation_dtype(q.dtype)
     pending = None
     if plan.exchanges:  # in flight while the local calls run
         pending = exchange(sparse_kv(k, v, plan), plan.send_counts, plan.recv_counts)
     # NOTE: a causal kernel multiplies the zero weights of LATER keys by their values too, so a
-    # NaN value would reach queries that never read it; such values enter the kernels as 0 and
-    # their readers are marked NaN below (a host sync on CUDA, one per call of the layer).
-    nan_values = v.isnan().any(-1)  # (b, n, g)
-    nan_values = nan_values if bool(nan_values.any()) else None
-    nan_readers = (
-        None if nan_values is None else torch.zeros(q.shape[:3], dtype=torch.bool, device=q.device)
-    )
-    values = v if nan_values is None else v.masked_fill(v.isnan(), 0.0)
+    # NaN value would reach queries that never read it, and torch's CPU flash kernel turns a row
+    # whose only key is NaN into a zero output; NaN keys and values enter the kernels as 0 and
+    # their readers are marked NaN below (a host sync on CUDA, one per call of the layer). The
+    # sums test for NaN ~15 times faster than a boolean reduction on CPU, which decoding pays per
+    # step (+inf meeting -inf makes them NaN too: then no entry is flagged).
+    nan_entries = nan_readers = None
+    if bool((k.sum() + v.sum()).isnan()):
+        nan_entries = k.isnan().any(-1) | v.isnan().any(-1)  # (b, n, g)
+        nan_readers = torch.zeros(q.shape[:3], dtype=torch.bool, device=q.device)
+        k, v = (x.masked_fill(x.isnan(), 0.0) for x in (k, v))
     out = lse = None
     for call in plan.local:
         call_out, call_lse = attention_forward(
             queries(call, q),
             own_keys(call, k),
-            own_keys(call, values),
+            own_keys(call, v),
             causal=call.causal,
             scale=scale,
             kernel=kernel,
         )
-        if nan_values is not None:
-            flags = own_keys(call, nan_values.unsqueeze(-1)).squeeze(-1)  # (b*m, heads, c)
-            mark(nan_readers, call, reads(flags, call.causal, flags.shape[-1]))
+        if nan_entries is not None:
+            flags = own_keys(call, nan_entries.unsqueeze(-1)).squeeze(-1)  # (b*m, heads, s)
+            mark(nan_readers, call, reads(flags, call.causal, call_out.shape[-2]))
         if out is None:
             adopted = adopt(plan.spanning, (call_out, call_lse), (q.shape, q.shape[:3]), acc)
             if adopted is not None:
@@ -170,10 +175,10 @@ def forward(
     received = pending.wait() if pending is not None else None
     nan_received = None
     if plan.remote:
-        nan_entries = received[1].isnan()  # (b, N_recv, d)
+        nan_entries = received.isnan()  # (2, b, N_recv, d): keys and values, as above
         if bool(nan_entries.any()):
-            nan_received = nan_entries.any(-1)  # (b, N_recv)
-            received = torch.stack([received[0], received[1].masked_fill(nan_entries, 0.0)])
+            nan_received = nan_entries.any(-1).any(0)  # (b, N_recv)
+            received = received.masked_fill(nan_entries, 0.0)
             if nan_readers is None:
                 nan_readers = torch.zeros(q.shape[:3], dtype=torch.bool, device=q.device)
     for call in plan.remote:

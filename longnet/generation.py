@@ -5,12 +5,13 @@ Notation
     b   batch        t   position of the new token    s   cached keys the token may see
     h   query heads  g   key/value heads              d   head dim of q and k (v may be narrower)
 
-The new query at position t is what dilated causal attention makes of the last row: for pattern
-(w, r), head j keeps it iff longnet.plan.keeps(t, j, w, r, shift), and then it sees the kept keys
-of its segment at positions <= t. The patterns mix by Eq. 10, i.e. one softmax over the scores plus
-log(multiplicity) (docs/semantics.md); a head no pattern keeps outputs zero. Every key a token
-can see lies in the segment of t of some pattern, so a step reads keys from the earliest of those
-segment starts on: fewer than max(w) positions, however long the text. The cache keeps just those.
+The new query at position t is what dilated causal attention makes of the last row. It runs
+through the same planner and executor as the full forward: longnet.plan.decode_plan lays out,
+per pattern, the heads that keep t against the kept keys of t's segment up to t, and
+longnet.engine.forward runs those calls on the fused kernels and mixes them by Eq. 10
+(docs/semantics.md); a head no pattern keeps outputs zero. Every key a token can see lies in
+the segment of t of some pattern, so a step reads keys from the earliest of those segment
+starts on: fewer than max(w) positions, however long the text. The cache keeps just those.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ import math
 from collections.abc import Sequence
 
 import torch
-from einops import rearrange
+import torch.nn.functional as F
 
+from longnet import engine, selection
+from longnet.dilated import kernel_for
 from longnet.kernels import accumulation_dtype
-from longnet.plan import keeps
-from longnet.selection import block_means, candidates, select_blocks
+from longnet.plan import decode_plan
 
 
 class LayerCache:
@@ -49,12 +51,18 @@ class LayerCache:
         self.length += n
 
     def window(self, first: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys (b, s, g, d) and values (b, s, g, dv) of positions first .. length - 1."""
+        """Keys (b, s, g, d) and values (b, s, g, dv) of positions first .. length - 1: views
+        of the buffer where they do not wrap around its end (always, when the segment lengths
+        divide the longest), else copies."""
         if self.length - first > self.capacity:
             raise ValueError(
                 f"the cache holds {self.capacity} positions; decoding position "
                 f"{self.length - 1} needs {self.length - first} (the longest segment)"
             )
+        start = first % self.capacity
+        if start + self.length - first <= self.capacity:
+            end = start + self.length - first
+            return self.keys[:, start:end], self.values[:, start:end]
         slots = torch.arange(first, self.length, device=self.keys.device) % self.capacity
         return self.keys.index_select(1, slots), self.values.index_select(1, slots)
 
@@ -71,25 +79,6 @@ class KVCache:
         return self.layers[0].length
 
 
-def visible_counts(
-    position: int,
-    first_key: int,
-    heads: int,
-    patterns: Sequence[tuple[int, int]],
-    head_shift: int = 0,
-    device=None,
-) -> torch.Tensor:
-    """(h, s) multiplicity of the query at `position` against keys first_key .. position."""
-    keys = torch.arange(first_key, position + 1, device=device)  # (s,)
-    head = torch.arange(heads, device=device)[:, None]  # (h, 1)
-    counts = torch.zeros(heads, len(keys), device=device)
-    for w, r in patterns:
-        same_segment = keys // w == position // w  # (s,)
-        kept = keeps(position, head, w, r, head_shift) & keeps(keys, head, w, r, head_shift)
-        counts += kept & same_segment
-    return counts
-
-
 def decode_attention(
     q: torch.Tensor,
     cache: LayerCache,
@@ -98,35 +87,31 @@ def decode_attention(
     head_shift: int = 0,
     select_top_k: int = 0,
     select_block_size: int = 32,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Dilated causal attention of the last cached position: q (b, 1, h, d) -> (b, 1, h, dv),
     with the content-selected pattern when select_top_k > 0 (the cache then holds every key)."""
-    position = cache.length - 1
-    first_key = 0 if select_top_k else min(position // w * w for w, _ in patterns)
-    keys, values = cache.window(first_key)  # (b, s, g, .)
-    heads, kv_heads = q.shape[2], keys.shape[2]
-    counts = visible_counts(position, first_key, heads, patterns, head_shift, q.device)  # (h, s)
-    dtype = accumulation_dtype(q.dtype)
-    window = patterns[0][0]  # candidates end by the start of the first pattern's segment
-    if select_top_k and candidates(position, window, select_block_size) > 0:
-        means = block_means(keys, select_block_size)  # (b, m, g, d)
-        at = torch.tensor([position], device=q.device)
-        index, valid = select_blocks(
-            q.to(dtype), means, at, select_block_size, select_top_k, window
-        )
-        index, valid = index[:, 0], valid[:, 0]  # (b, h, k)
-        blocks = torch.zeros(*index.shape[:2], means.shape[1] + 1, device=q.device)
-        blocks.scatter_(-1, torch.where(valid, index, means.shape[1]), 1.0)  # (b, h, m + 1)
-        chosen = blocks[..., :-1].repeat_interleave(select_block_size, dim=-1)  # (b, h, m*B)
-        counts = counts + torch.nn.functional.pad(chosen, (0, counts.shape[-1] - chosen.shape[-1]))
-    queries = rearrange(q[:, 0], "b (g j) d -> b g j d", g=kv_heads).to(dtype)
-    scores = torch.einsum("bgjd,bsgd->bgjs", queries, keys.to(dtype)) * softmax_scale
-    scores = rearrange(scores, "b g j s -> b (g j) s") + counts.to(dtype).log()  # (b, h, s)
-    covered = counts.sum(-1, keepdim=True) > 0  # ([b,] h, 1): a head no pattern keeps outputs 0
-    probs = torch.softmax(scores.masked_fill(~covered, 0.0), dim=-1) * covered
-    probs = rearrange(probs, "b (g j) s -> b g j s", g=kv_heads)
-    out = torch.einsum("bgjs,bsgd->bgjd", probs, values.to(dtype))
-    return rearrange(out, "b g j d -> b 1 (g j) d").to(q.dtype)
+    position, heads, kv_heads = cache.length - 1, q.shape[2], cache.keys.shape[2]
+    first, plan = decode_plan(position, heads, kv_heads, tuple(patterns), head_shift)
+    held = 0 if select_top_k else first  # the selected pattern reads keys from 0 on
+    keys, values = cache.window(held)  # (b, s, g, .)
+    # An encoding that widens q and k (ALiBi) leaves v narrower: the kernels take one width.
+    width, extra = values.shape[-1], q.shape[-1] - values.shape[-1]
+    values = F.pad(values, (0, extra)) if extra else values
+    kernel = kernel_for(backend, q, causal=True)
+    acc = accumulation_dtype(q.dtype) if select_top_k else None
+    window = (x[:, first - held :] for x in (keys, values))  # the plan's keys: first .. t
+    out, lse, _ = engine.forward(
+        q, *window, plan, scale=softmax_scale, kernel=kernel, out_dtype=acc
+    )  # (b, 1, h, d)
+    if select_top_k:
+        local = patterns[0][0]  # candidates end by the start of the first pattern's segment
+        chosen = selection.forward(
+            q, keys, values, select_block_size, select_top_k, local, softmax_scale, kernel,
+            query_offset=position,
+        )  # fmt: skip
+        out, _ = selection.mix(out, lse, *chosen)
+    return out[..., :width].to(q.dtype)
 
 
 def check_sampling(max_new_tokens, temperature, top_k) -> None:
