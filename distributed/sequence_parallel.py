@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch._guards import detect_fake_mode
 from torch.distributed.distributed_c10d import _resolve_process_group
 
 from longnet import engine, selection
@@ -23,6 +24,7 @@ from longnet.checks import flag
 from longnet.dilated import attend, check_arguments, check_patterns, kernel_for
 from longnet.kernels import accumulation_dtype
 from longnet.plan import make_plan
+from longnet.varlen import Documents
 
 
 @dataclass(frozen=True)
@@ -374,6 +376,7 @@ def sequence_parallel_dilated_attention(
     overlap: bool | None = None,
     select_top_k: int = 0,
     select_block_size: int = 32,
+    documents: Documents | None = None,
 ) -> torch.Tensor:
     """longnet.dilated_attention over a sequence split across the ranks of `group`.
 
@@ -388,6 +391,8 @@ def sequence_parallel_dilated_attention(
     kernels for the same cores (measured at P = 2 on 2 cores: efficiency 0.942-0.973 with it,
     0.986 without).
     select_top_k > 0 adds the content-selected pattern, as in dilated_attention.
+    documents (longnet.dilated.check_documents' answer: each its own sequence) run on a group
+    of one rank only, for now.
     """
     arguments = (
         q, k, v, segment_lengths, dilation_rates, causal, softmax_scale, backend, head_shift,
@@ -395,20 +400,27 @@ def sequence_parallel_dilated_attention(
     )  # fmt: skip
     world, rank = _group_size_and_rank(group)
     group_name = _group_name(group) if world > 1 else ""
-    if world > 1 and not torch.compiler.is_compiling():
-        # First, before any check one rank alone could fail: every rank raises alike.
+    if world > 1 and not torch.compiler.is_compiling() and detect_fake_mode() is None:
+        # First, before any check one rank alone could fail: every rank raises alike. (Not
+        # while tracing or under FakeTensorMode: nothing runs then; the op checks when it does.)
         _agree(group_name, _describe(*arguments))
     patterns, scale = check_arguments(*arguments)
     kernel = kernel_for(backend, q, causal)
     overlap = default_overlap(group) if overlap is None else flag("overlap", overlap)
     _effective_segment_lengths(patterns, q.shape[1], world)
     lengths, rates = ([pattern[i] for pattern in patterns] for i in (0, 1))
+    if documents is not None and world > 1:
+        raise ValueError(
+            f"documents (cu_seqlens or attention_mask) under sequence parallelism over {world} "
+            f"ranks are not built yet: run them on a group of one rank"
+        )
     if not _communicates(lengths, q.shape[1], world, select_top_k):
         # no key comes from another rank (also P = 1): one device's op on the shard, on the
         # arguments checked above
         return attend(
             q, k, v, patterns, causal=causal, scale=scale, backend=backend,
             head_shift=head_shift, select_top_k=select_top_k, select_block_size=select_block_size,
+            documents=documents,
         )  # fmt: skip
     out, *_ = _attention_op(
         q, k, v, lengths, rates, causal, scale, kernel, head_shift, select_top_k,

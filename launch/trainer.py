@@ -103,6 +103,11 @@ def validate(config: Config, world_size: int) -> None:
         raise ValueError(
             f"parallel.sequence_parallel_size={sp} does not divide the world size {world_size}"
         )
+    if config.data.document_boundaries and sp > 1:
+        raise ValueError(
+            f"data.document_boundaries=true runs with parallel.sequence_parallel_size=1 only "
+            f"(documents across sequence-parallel ranks are not built yet), got {sp}"
+        )
     model = config.model.build()
     stages = config.data.seq_len_schedule or []
     for key, seq_len in (
@@ -294,12 +299,17 @@ class Trainer:
         its weight), see module notes. rows: input_ids, labels and, with pass keys, loss_weights
         (longnet.launch.data.passkey); this rank runs its slice of each."""
         mine, offset = runtime.shard(rows, self.grid, self.device)
+        documents = {}
+        if self.config.data.document_boundaries:  # one sequence per document (no SP: validate)
+            eos = self.corpus.tokenizer.eos_id
+            documents["cu_seqlens"] = data.document_offsets(rows["input_ids"], eos)
         out = self.engine(
             mine["input_ids"],
             labels=mine["labels"],
             position_offset=offset,
             return_logits=False,
             loss_weights=mine.get("loss_weights"),
+            **documents,
         )
         group_tokens = out.num_tokens.detach().clone()
         torch.distributed.all_reduce(group_tokens, group=self.grid.sp_group)

@@ -27,6 +27,7 @@ from longnet.kernels import (
     attention_backward,
     attention_forward,
     mark_nan_readers,
+    reads_values_on_host,
 )
 from longnet.plan import Block, Call, Plan, remote_index, send_index, to_blocks, to_kernel
 
@@ -137,11 +138,13 @@ def forward(
     # NOTE: a causal kernel multiplies the zero weights of LATER keys by their values too, so a
     # NaN value would reach queries that never read it, and torch's CPU flash kernel turns a row
     # whose only key is NaN into a zero output; NaN keys and values enter the kernels as 0 and
-    # their readers are marked NaN below (a host sync on CUDA, one per call of the layer). The
-    # sums test for NaN ~15 times faster than a boolean reduction on CPU, which decoding pays per
-    # step (+inf meeting -inf makes them NaN too: then no entry is flagged).
+    # their readers are marked NaN below. On CPU only: elsewhere the test would be a host sync
+    # per call, so NaN spreads there as in SDPA (to more outputs, never to fewer). The sums test for NaN ~15 times faster than a boolean
+    # reduction on CPU, which decoding pays per step (+inf meeting -inf makes them NaN too: then
+    # no entry is flagged).
+    exact = reads_values_on_host(v.device)
     nan_entries = nan_readers = None
-    if bool((k.sum() + v.sum()).isnan()):
+    if exact and bool((k.sum() + v.sum()).isnan()):
         nan_entries = k.isnan().any(-1) | v.isnan().any(-1)  # (b, n, g)
         nan_readers = torch.zeros(q.shape[:3], dtype=torch.bool, device=q.device)
         k, v = (x.masked_fill(x.isnan(), 0.0) for x in (k, v))
@@ -176,7 +179,7 @@ def forward(
     nan_received = None
     if plan.remote:
         nan_entries = received.isnan()  # (2, b, N_recv, d): keys and values, as above
-        if bool(nan_entries.any()):
+        if exact and bool(nan_entries.any()):
             nan_received = nan_entries.any(-1).any(0)  # (b, N_recv)
             received = received.masked_fill(nan_entries, 0.0)
             if nan_readers is None:

@@ -179,6 +179,13 @@ def _run(op_name: str, arguments: dict):
 MASKED_KERNELS = ("cpu_flash", "math")
 
 
+def reads_values_on_host(device: torch.device) -> bool:
+    """Whether checks that read tensor values on the host (token ids in range, which outputs a
+    NaN reaches) run for tensors on `device`: on CPU, where that costs nothing; not on an
+    accelerator, where each read is a host sync that stalls its queue."""
+    return device.type == "cpu"
+
+
 def mark_nan_readers(out, lse, q, readers=None) -> None:
     """Sets out (b, n, h, d) and lse (b, n, h) to NaN, in place, for the queries that read a NaN:
     `readers` (b, n, h), found by the caller (whose kernels saw NaN keys and values as 0), and the

@@ -168,11 +168,6 @@ class DilatedAttention(nn.Module):
                 select_block_size=self.select_block_size,
                 documents=documents,
             )
-        if documents is not None:
-            raise ValueError(
-                "documents (cu_seqlens or attention_mask) run on longnet.dilated_attention only, "
-                f"not on attention_fn {getattr(self.attention_fn, '__name__', self.attention_fn)}"
-            )
         lengths, rates = zip(*self.patterns, strict=True)
         return self.attention_fn(
             q,
@@ -186,6 +181,7 @@ class DilatedAttention(nn.Module):
             # only when set, so that attention functions written before head_shift still work
             **({"head_shift": self.head_shift} if self.head_shift else {}),
             **self.selection_arguments(),
+            **({"documents": documents} if documents is not None else {}),
         )
 
     def selection_arguments(self) -> dict:

@@ -31,7 +31,7 @@ from longnet import varlen
 from longnet.config import BlockConfig, LongNetConfig
 from longnet.dilated import check_documents, dilated_attention
 from longnet.generation import KVCache, LayerCache, check_sampling, decode_attention, sample_next
-from longnet.kernels import accumulation_dtype
+from longnet.kernels import accumulation_dtype, reads_values_on_host
 from longnet.layers import AttentionFn, DilatedAttention, MagnetoLinear
 from longnet.positions import fold, make_positions, relative_positions
 
@@ -359,7 +359,7 @@ class LongNetLM(nn.Module):
         # NOTE: checking costs a host sync, which would stall a GPU once per step and break a
         # compiled graph: CUDA batches are checked where they are made (the trainer checks its
         # tokenizer against vocab_size; generate() checks its prompt).
-        if tokens.device.type == "cpu" and not torch.compiler.is_compiling():
+        if reads_values_on_host(tokens.device) and not torch.compiler.is_compiling():
             check_token_ids(tokens, self.config.vocab_size)
         if isinstance(position_offset, bool) or not isinstance(position_offset, int):
             raise ValueError(f"position_offset must be an int >= 0, got {position_offset!r}")

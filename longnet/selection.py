@@ -28,6 +28,7 @@ from longnet.kernels import (
     attention_backward,
     attention_forward,
     mark_nan_readers,
+    reads_values_on_host,
 )
 
 # Most gathered key (or value) elements a chunk of queries holds at once: 64 MiB in float32.
@@ -164,7 +165,8 @@ def forward(
     # choose, so a NaN would reach queries that never read it. On CPU, NaN entries enter as 0
     # and the queries that chose their blocks are marked NaN below; elsewhere that would cost a
     # host sync per call, so NaN spreads as in SDPA (to more outputs, never dropped).
-    nan_entries = k.isnan().any(-1) | v.isnan().any(-1) if k.device.type == "cpu" else None
+    exact = reads_values_on_host(k.device)
+    nan_entries = k.isnan().any(-1) | v.isnan().any(-1) if exact else None  # (b, s, g)
     nan_blocks = readers = None
     if nan_entries is not None and bool(nan_entries.any()):
         m = k.shape[1] // block_size

@@ -95,6 +95,26 @@ def test_same_curve_with(tmp_path, baseline, extra):
     assert_same_curve(tmp_path, baseline)
 
 
+def test_document_boundaries_train_each_document_alone(tmp_path):
+    """data.document_boundaries=true on a corpus of short documents (several per row): the
+    loss falls, and the curve differs from the same run with attention across documents."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(150):
+        (corpus / f"{i:03d}.txt").write_text(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" * 2)
+    data = ["data.source=files", f"data.path={corpus}", "data.max_documents=150"]
+    curves = {}
+    for flag in ("true", "false"):
+        run = tmp_path / flag
+        run_command(
+            _train("tiny-cpu.yaml", overrides(run, *data, f"data.document_boundaries={flag}"))
+        )
+        curves[flag] = train_records(run)
+    got = curves["true"]
+    assert got[STEPS]["loss"] < got[1]["loss"] - 0.5, got
+    assert all(got[s]["loss"] != curves["false"][s]["loss"] for s in got)
+
+
 def test_zero3_over_two_ranks_builds_partitioned_and_matches_stage_1(baseline):
     """Two data-parallel ranks (micro-batch 1 each) under ZeRO-3, the model built inside
     deepspeed.zero.Init: the curve of one process under ZeRO-1."""
@@ -307,6 +327,10 @@ def test_step_seeds_do_not_depend_on_pythons_hash():
             "this run has {'world_size': 2, 'data_parallel': 1, 'sequence_parallel': 2}",
         ),
         ([], "this run has {'world_size': 2, 'data_parallel': 2, 'sequence_parallel': 1}"),
+        (
+            ["data.document_boundaries=true", "parallel.sequence_parallel_size=2"],
+            "data.document_boundaries=true runs with parallel.sequence_parallel_size=1 only",
+        ),
     ],
 )
 def test_bad_input_fails_cleanly_and_leaves_the_run_intact(tmp_path, baseline, extra, message):

@@ -19,7 +19,7 @@ barrier, then every rank calls load(config), which reads the cache memory-mapped
 
 from .cache import cache_root, check, prepare
 from .config import SOURCES, DataConfig
-from .packing import Corpus, PackedDataset, load
+from .packing import Corpus, PackedDataset, document_offsets, load
 from .tokenizer import ByteTokenizer, HFTokenizer, TiktokenTokenizer, Tokenizer, make_tokenizer
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "Tokenizer",
     "cache_root",
     "check",
+    "document_offsets",
     "load",
     "make_tokenizer",
     "prepare",

@@ -52,6 +52,10 @@ class DataConfig(BaseModel):
         steps: from `step` on, training rows hold `length` tokens (a divisor of seq_len) and each
         micro-batch seq_len / length times as many rows, so the tokens per step stay the same.
         None: seq_len throughout. Evaluation and checkpoints ignore it.
+    document_boundaries: each document of a packed row (its tokens up to and including its
+        EOS) is its own sequence in attention: no key crosses a document boundary and segments
+        start at each document's first token (longnet.dilated_attention's cu_seqlens). With
+        parallel.sequence_parallel_size 1 and without pass keys, for now.
     """
 
     # strict, as the rest of the config tree: YAML gives numbers and booleans already.
@@ -72,6 +76,7 @@ class DataConfig(BaseModel):
     num_proc: PositiveInt = 1
     passkey_fraction: Annotated[float, Field(ge=0, le=1)] = 0.0
     seq_len_schedule: list[Annotated[list[int], Field(min_length=2, max_length=2)]] | None = None
+    document_boundaries: bool = False
 
     def __init__(self, **values):
         # Built directly (tests, evaluate.py) as in the config tree: one line naming the key.
@@ -93,6 +98,11 @@ class DataConfig(BaseModel):
             )
         if self.seq_len_schedule is not None:
             self._check_schedule(self.seq_len_schedule)
+        if self.document_boundaries and self.passkey_fraction:
+            raise ValueError(
+                "data.document_boundaries=true cannot go with data.passkey_fraction > 0: a pass "
+                "key planted across documents could not be found"
+            )
         return self
 
     def _check_schedule(self, schedule: list[list[int]]) -> None:

@@ -47,6 +47,15 @@ class _TokenStream:
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
 
+def document_offsets(input_ids: torch.Tensor, eos_id: int) -> list[int]:
+    """cu_seqlens of the documents of packed rows input_ids (b, n): a document ends after each
+    EOS and at each row's end (rows are separate sequences)."""
+    batch, n = input_ids.shape
+    ends = (input_ids.flatten() == eos_id).nonzero().flatten() + 1  # (e,): after each EOS
+    rows = torch.arange(0, batch * n + 1, n)  # (b + 1,)
+    return torch.cat([rows, ends]).unique().tolist()  # sorted, distinct
+
+
 class PackedDataset(torch.utils.data.Dataset):
     """Rows of seq_len + 1 tokens cut from a split's stream with stride seq_len (see the docstring
     of longnet.launch.data)."""
