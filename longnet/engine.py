@@ -139,9 +139,9 @@ def forward(
     # NaN value would reach queries that never read it, and torch's CPU flash kernel turns a row
     # whose only key is NaN into a zero output; NaN keys and values enter the kernels as 0 and
     # their readers are marked NaN below. On CPU only: elsewhere the test would be a host sync
-    # per call, so NaN spreads there as in SDPA (to more outputs, never to fewer). The sums test for NaN ~15 times faster than a boolean
-    # reduction on CPU, which decoding pays per step (+inf meeting -inf makes them NaN too: then
-    # no entry is flagged).
+    # per call, so NaN spreads there as in SDPA (to more outputs, never to fewer). The sums
+    # test for NaN ~15 times faster than a boolean reduction on CPU, which decoding pays per
+    # step (+inf meeting -inf makes them NaN too: then no entry is flagged).
     exact = reads_values_on_host(v.device)
     nan_entries = nan_readers = None
     if exact and bool((k.sum() + v.sum()).isnan()):

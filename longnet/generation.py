@@ -36,6 +36,16 @@ class LayerCache:
         self.capacity, self.length = capacity, 0
         self.keys: torch.Tensor | None = None  # (b, capacity, g, d)
         self.values: torch.Tensor | None = None  # (b, capacity, g, dv)
+        # Each row's first token (its document's start; later with left padding), or None: 0.
+        self.starts: list[int] | None = None
+
+    @classmethod
+    def holding(cls, keys: torch.Tensor, values: torch.Tensor) -> LayerCache:
+        """A cache of exactly these keys (b, n, g, d) and values (b, n, g, dv), positions
+        0 .. n - 1, as views (another library's cache, read by decode_attention)."""
+        cache = cls(keys.shape[1])
+        cache.keys, cache.values, cache.length = keys, values, keys.shape[1]
+        return cache
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k (b, n, g, d) and v (b, n, g, dv) of the next n positions (only the last
@@ -78,6 +88,16 @@ class KVCache:
     def length(self) -> int:
         return self.layers[0].length
 
+    @property
+    def starts(self) -> list[int] | None:
+        """Each row's first token (left padding before it), or None: every row starts at 0."""
+        return self.layers[0].starts
+
+    @starts.setter
+    def starts(self, starts: list[int] | None) -> None:
+        for layer in self.layers:
+            layer.starts = starts
+
 
 def decode_attention(
     q: torch.Tensor,
@@ -90,19 +110,46 @@ def decode_attention(
     backend: str = "auto",
 ) -> torch.Tensor:
     """Dilated causal attention of the last cached position: q (b, 1, h, d) -> (b, 1, h, dv),
-    with the content-selected pattern when select_top_k > 0 (the cache then holds every key)."""
-    position, heads, kv_heads = cache.length - 1, q.shape[2], cache.keys.shape[2]
-    first, plan = decode_plan(position, heads, kv_heads, tuple(patterns), head_shift)
+    with the content-selected pattern when select_top_k > 0 (the cache then holds every key).
+    A row whose tokens start later (cache.starts: left padding) is its own sequence from there:
+    rows are decoded in groups of equal start."""
+    options = (tuple(patterns), softmax_scale, head_shift, select_top_k, select_block_size)
+    options += (cache.keys.shape[2], backend)
+    position, starts = cache.length - 1, cache.starts
+    if starts is None or len(set(starts)) == 1:
+        start = 0 if starts is None else starts[0]
+        return _decode_document(q, cache.window, position - start, start, *options)
+    out = None
+    for start in sorted(set(starts)):
+        rows = torch.tensor([i for i, s in enumerate(starts) if s == start], device=q.device)
+
+        def window(first, rows=rows):
+            return tuple(x.index_select(0, rows) for x in cache.window(first))
+
+        part = _decode_document(q[rows], window, position - start, start, *options)
+        out = part.new_empty((q.shape[0], *part.shape[1:])) if out is None else out
+        out[rows] = part
+    return out
+
+
+def _decode_document(
+    q, window, position, start, patterns, softmax_scale, head_shift, select_top_k,
+    select_block_size, kv_heads, backend,
+) -> torch.Tensor:  # fmt: skip
+    """decode_attention of rows whose documents start at `start`: `position` is the new
+    token's within its document, window(first) the keys and values from absolute position
+    first on."""
+    first, plan = decode_plan(position, q.shape[2], kv_heads, patterns, head_shift)
     held = 0 if select_top_k else first  # the selected pattern reads keys from 0 on
-    keys, values = cache.window(held)  # (b, s, g, .)
+    keys, values = window(start + held)  # (b, s, g, .)
     # An encoding that widens q and k (ALiBi) leaves v narrower: the kernels take one width.
     width, extra = values.shape[-1], q.shape[-1] - values.shape[-1]
     values = F.pad(values, (0, extra)) if extra else values
     kernel = kernel_for(backend, q, causal=True)
     acc = accumulation_dtype(q.dtype) if select_top_k else None
-    window = (x[:, first - held :] for x in (keys, values))  # the plan's keys: first .. t
+    plan_keys = (x[:, first - held :] for x in (keys, values))  # first .. t
     out, lse, _ = engine.forward(
-        q, *window, plan, scale=softmax_scale, kernel=kernel, out_dtype=acc
+        q, *plan_keys, plan, scale=softmax_scale, kernel=kernel, out_dtype=acc
     )  # (b, 1, h, d)
     if select_top_k:
         local = patterns[0][0]  # candidates end by the start of the first pattern's segment

@@ -243,6 +243,29 @@ def _cross_entropy_sum(
     return (losses * weights.to(losses.dtype)).sum()
 
 
+def _cached_documents(cache: KVCache, documents, packed: bool):
+    """The prompt's documents when a cache decodes after it: one per row, ending at the row's
+    end (left padding), whose starts the cache keeps; None for the later steps."""
+    if packed:
+        raise ValueError("cu_seqlens do not run with a cache: give attention_mask")
+    if cache.length:
+        if documents is not None:
+            raise ValueError("give attention_mask with the prompt only, not with the cache")
+        return None
+    if len(documents.starts) != documents.batch:
+        raise ValueError("attention_mask: every row needs at least one token to decode from")
+    starts = []
+    for row, (start, length) in enumerate(zip(documents.starts, documents.lengths, strict=True)):
+        if start + length != (row + 1) * documents.seq_len or start // documents.seq_len != row:
+            raise ValueError(
+                f"attention_mask row {row}: decoding with a cache needs left padding (each row's "
+                f"tokens up to its end)"
+            )
+        starts.append(start - row * documents.seq_len)
+    cache.starts = starts
+    return documents
+
+
 def check_token_ids(tokens: torch.Tensor, vocab_size: int) -> None:
     """ValueError unless every id is in [0, vocab_size).
 
@@ -374,10 +397,13 @@ class LongNetLM(nn.Module):
                 )
             position_offset = cache.length
         documents = check_documents(tokens.shape, cu_seqlens, attention_mask)
-        if documents is not None and cache is not None:
-            raise ValueError("cu_seqlens and attention_mask do not run with a cache yet")
+        if cache is not None and (documents is not None or cache.starts is not None):
+            documents = _cached_documents(cache, documents, cu_seqlens is not None)
         x = self.embed(tokens)  # (b, n, D)
-        if documents is None:
+        if cache is not None and cache.length and cache.starts is not None:  # (b, 1): each row's
+            at = torch.tensor(cache.starts, device=tokens.device)[:, None]
+            positions = fold(cache.length - at, self.config.position_period)
+        elif documents is None:
             positions = relative_positions(
                 position_offset, tokens.shape[1], self.config.position_period, tokens.device
             )
@@ -486,6 +512,7 @@ class LongNetLM(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         use_cache: bool = True,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens (b, n) followed by max_new_tokens sampled tokens: (b, n + max_new_tokens).
 
@@ -493,7 +520,8 @@ class LongNetLM(nn.Module):
         values: the prompt runs through dilated attention once, then each new token attends
         exactly the cached keys dilated attention lets it see (longnet.generation).
         use_cache=False recomputes the whole sequence for every token. Dropout follows the
-        module's mode: call eval() first.
+        module's mode: call eval() first. attention_mask (b, n): a batch of prompts of different
+        lengths, left-padded (False before each row's tokens); each row decodes as if alone.
         """
         check_sampling(max_new_tokens, temperature, top_k)
         check_token_ids(tokens, self.config.vocab_size)  # once, on any device
@@ -502,9 +530,14 @@ class LongNetLM(nn.Module):
         longest = length if self.config.select_top_k else max(self.config.segment_lengths)
         capacity = min(longest, length)
         cache = KVCache(len(self.blocks), capacity) if use_cache else None
-        step = tokens
+        step, mask = tokens, attention_mask
         for _ in range(max_new_tokens):
-            hidden = self.hidden_states(step if use_cache else tokens, cache=cache)
+            if use_cache:
+                hidden = self.hidden_states(step, cache=cache, attention_mask=mask)
+                mask = None  # the cache keeps each row's start
+            else:
+                hidden = self.hidden_states(tokens, attention_mask=mask)
+                mask = None if mask is None else F.pad(mask, (0, 1), value=True)
             logits = self.lm_head(hidden[:, -1])  # (b, V)
             next_token = sample_next(logits, temperature, top_k)  # (b, 1)
             tokens = torch.cat([tokens, next_token], dim=1)

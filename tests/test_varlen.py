@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import TOLERANCE, make_qkv, max_error, outputs_and_grads, randn
 
-from longnet import DilatedAttention, LongNetConfig, LongNetLM, dilated_attention
+from longnet import DilatedAttention, KVCache, LongNetConfig, LongNetLM, dilated_attention
 from longnet.reference import dense_dilated_attention
 from longnet.varlen import from_cu_seqlens, groups
 
@@ -214,3 +214,50 @@ def test_bad_documents_are_refused(arguments, message):
     q, k, v = make_qkv(torch.Generator().manual_seed(0), 1, 8, 2, 2, 4)
     with pytest.raises(ValueError, match=re.escape(message)):
         dilated_attention(q, k, v, [4], [1], causal=True, **arguments)
+
+
+@pytest.mark.parametrize(
+    "position, select_top_k",
+    [("rotary", 0), ("alibi", 0), ("xpos", 0), ("rotary", 2)],
+    ids=["rotary", "alibi", "xpos", "content_selected"],
+)
+def test_left_padded_generation_equals_each_prompt_alone(position, select_top_k):
+    """A batch of prompts of different lengths, left-padded: greedy decoding with the cache
+    (rows decoded in groups of equal start) and without it gives each row's tokens alone, over
+    more than two periods of the longest segment."""
+    config = LongNetConfig(
+        vocab_size=40, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=48,
+        segment_lengths=(4, 8, 16), dilation_rates=(1, 2, 4), position=position,
+        select_top_k=select_top_k, select_block_size=4,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LongNetLM(config).eval()
+    tokens = torch.randint(0, 40, (3, 14), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones(3, 14, dtype=torch.bool)
+    mask[0, :5] = False
+    mask[2, :1] = False
+    cached = model.generate(tokens, 30, top_k=1, attention_mask=mask)
+    uncached = model.generate(tokens, 30, top_k=1, attention_mask=mask, use_cache=False)
+    assert torch.equal(cached, uncached)
+    for row in range(3):
+        alone = model.generate(tokens[row : row + 1, mask[row]], 30, top_k=1)[0]
+        assert torch.equal(cached[row, 14:], alone[-30:]), row
+
+
+def test_decoding_refuses_what_it_cannot_continue():
+    config = LongNetConfig(
+        vocab_size=40, d_model=32, num_layers=1, num_heads=4, ffn_dim=48,
+        segment_lengths=(4, 8), dilation_rates=(1, 2),
+    )  # fmt: skip
+    model = LongNetLM(config).eval()
+    tokens = torch.randint(0, 40, (2, 8))
+    right = torch.ones(2, 8, dtype=torch.bool)
+    right[0, 6:] = False
+    with pytest.raises(ValueError, match="row 0: decoding with a cache needs left padding"):
+        model.generate(tokens, 2, top_k=1, attention_mask=right)
+    empty = torch.ones(2, 8, dtype=torch.bool)
+    empty[1] = False
+    with pytest.raises(ValueError, match="every row needs at least one token"):
+        model.generate(tokens, 2, top_k=1, attention_mask=empty)
+    with pytest.raises(ValueError, match="cu_seqlens do not run with a cache"):
+        model(tokens, cache=KVCache(1, 8), cu_seqlens=[0, 8, 16])
