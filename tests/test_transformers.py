@@ -28,6 +28,7 @@ def build(family: str, implementation: str, lengths, rates, seed: int = 0):
     model = transformers.AutoModelForCausalLM.from_config(
         config, attn_implementation=implementation
     )
+    model.generation_config.eos_token_id = None  # decode every token asked for
     return model.double().eval()
 
 
@@ -67,6 +68,42 @@ def test_padded_rows_equal_the_unpadded_rows(family, lengths, rates):
             tokens = mask[row].bool()
             alone = model(ids[row : row + 1, tokens]).logits[0]
             assert (logits[row, tokens] - alone).abs().max() < 1e-5, row
+
+
+def left_padded_prompts():
+    ids = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[0, :4] = 0
+    mask[2, :1] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("lengths, rates", [([32], [1]), ([4, 8, 16], [1, 2, 4])])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_cached_generation_equals_uncached_and_each_row_alone(family, lengths, rates):
+    """Greedy decoding of left-padded prompts with DynamicCache and StaticCache equals
+    decoding without a cache, and each row's tokens equal its prompt decoded alone."""
+    model = build(family, "longnet", lengths, rates)
+    ids, mask = left_padded_prompts()
+    greedy = dict(max_new_tokens=40, do_sample=False)
+    dynamic = model.generate(ids, attention_mask=mask, **greedy)
+    static = model.generate(ids, attention_mask=mask, cache_implementation="static", **greedy)
+    uncached = model.generate(ids, attention_mask=mask, use_cache=False, **greedy)
+    assert torch.equal(dynamic, static) and torch.equal(dynamic, uncached)
+    for row in range(3):
+        alone = model.generate(ids[row : row + 1, mask[row].bool()], **greedy)[0]
+        assert torch.equal(dynamic[row, 12:], alone[-40:]), row
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_one_pattern_over_the_sequence_generates_what_sdpa_generates(family):
+    """100 greedy tokens of a left-padded batch, with the cache: sdpa's tokens."""
+    ours = build(family, "longnet", [128], [1])
+    sdpa = build(family, "sdpa", [128], [1])
+    sdpa.load_state_dict(ours.state_dict())
+    ids, mask = left_padded_prompts()
+    greedy = dict(attention_mask=mask, max_new_tokens=100, do_sample=False)
+    assert torch.equal(ours.generate(ids, **greedy), sdpa.generate(ids, **greedy))
 
 
 def test_a_model_without_patterns_is_refused():
@@ -110,8 +147,8 @@ def test_auto_model_loads_an_exported_folder(exported, tmp_path):
 
 
 def test_transformers_conventions(exported):
-    """labels=input_ids is LongNetLM's shifted loss; attention_mask pads; greedy generate equals
-    LongNetLM's."""
+    """labels=input_ids is LongNetLM's shifted loss; attention_mask pads; greedy generate of a
+    left-padded batch, with and without the cache, equals LongNetLM's."""
     model, folder = exported
     loaded = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
     tokens = torch.randint(0, 40, (2, 20), generator=torch.Generator().manual_seed(3))
@@ -122,5 +159,9 @@ def test_transformers_conventions(exported):
         mask[0, :5] = 0
         padded = loaded(tokens, attention_mask=mask).logits
         assert (padded[0, 5:] - model(tokens[:1, 5:]).logits[0]).abs().max() < 1e-5
-        generated = loaded.generate(tokens, max_new_tokens=6, do_sample=False, use_cache=False)
-        assert torch.equal(generated, model.generate(tokens, 6, top_k=1))
+    expected = model.generate(tokens, 12, top_k=1, attention_mask=mask.bool())
+    for use_cache in (True, False):  # DynamicCache through LongNetLM's decoding, or none
+        generated = loaded.generate(
+            tokens, attention_mask=mask, max_new_tokens=12, do_sample=False, use_cache=use_cache
+        )
+        assert torch.equal(generated, expected), use_cache

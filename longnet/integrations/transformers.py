@@ -14,6 +14,11 @@ the adapter transposes views, no copies.
 Each row's tokens (the True run of its attention_mask, left or right padding) are one document:
 its segments start at its first token, as if it ran alone (longnet/varlen.py).
 
+Cached decoding (DynamicCache or StaticCache, left padding) runs each new token through
+longnet.generation.decode_attention: dilated attention's row of its position in its row's
+document, exactly (tests: cached equals uncached generation, and one pattern over the sequence
+equals sdpa's tokens).
+
 `LongNetForCausalLM` is LongNetLM as a transformers PreTrainedModel (model_type "longnet",
 registered with AutoConfig and AutoModelForCausalLM on import): the same modules under the
 same state-dict names, so that a folder written by LongNetLM.save_pretrained or
@@ -36,12 +41,15 @@ from transformers import (
     PreTrainedConfig,
     PreTrainedModel,
 )
+from transformers.cache_utils import DynamicCache, StaticCache
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from longnet.config import LongNetConfig
 from longnet.dilated import dilated_attention
+from longnet.generation import KVCache, LayerCache, decode_attention
 from longnet.model import IGNORE_INDEX, LongNetLM
+from longnet.varlen import from_attention_mask
 
 NAME = "longnet"
 
@@ -75,21 +83,40 @@ def attention_forward(
     if dropout:
         raise ValueError(f'attn_implementation="{NAME}" has no attention dropout, got {dropout}')
     lengths, rates = patterns_of(module.config)
+    head_shift = getattr(module.config, "head_shift", 0)
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # (b, n, h, d)
     if attention_mask is not None:
         k, v = k[:, : attention_mask.shape[1]], v[:, : attention_mask.shape[1]]  # a static cache
         if bool(attention_mask.all()):
             attention_mask = None
-    if q.shape[1] != k.shape[1]:
-        raise NotImplementedError("cached decoding with attn_implementation='longnet'")
-    out = dilated_attention(
-        q, k, v, lengths, rates,
-        causal=getattr(module, "is_causal", True),
-        softmax_scale=scaling,
-        head_shift=getattr(module.config, "head_shift", 0),
-        attention_mask=attention_mask,
-    )  # fmt: skip
-    return out, None
+    if q.shape[1] == k.shape[1]:  # no cache, or the prompt
+        out = dilated_attention(
+            q, k, v, lengths, rates,
+            causal=getattr(module, "is_causal", True),
+            softmax_scale=scaling,
+            head_shift=head_shift,
+            attention_mask=attention_mask,
+        )  # fmt: skip
+        return out, None
+    # New tokens against the cache: each decoded as dilated attention's row of its position,
+    # every row of the batch from its own first token (left padding).
+    starts = None
+    if attention_mask is not None:
+        documents = from_attention_mask(attention_mask, *attention_mask.shape)
+        starts = [
+            start - row * attention_mask.shape[1] for row, start in enumerate(documents.starts)
+        ]
+    scale = q.shape[-1] ** -0.5 if scaling is None else scaling
+    outs = []
+    for i, end in enumerate(range(k.shape[1] - q.shape[1] + 1, k.shape[1] + 1)):
+        cache = LayerCache.holding(k[:, :end], v[:, :end])
+        cache.starts = starts
+        outs.append(
+            decode_attention(
+                q[:, i : i + 1], cache, list(zip(lengths, rates, strict=True)), scale, head_shift
+            )
+        )
+    return torch.cat(outs, dim=1), None
 
 
 def _config_fields() -> list[tuple]:
@@ -108,6 +135,14 @@ LongNetHFConfig = dataclasses.make_dataclass(
     namespace={
         "__doc__": "LongNetConfig's fields as a transformers config (model_type 'longnet').",
         "model_type": NAME,
+        # transformers' standard names for LongNet's fields (caches and tools read them).
+        "attribute_map": {
+            "hidden_size": "d_model",
+            "num_hidden_layers": "num_layers",
+            "num_attention_heads": "num_heads",
+            "num_key_value_heads": "num_kv_heads",
+            "intermediate_size": "ffn_dim",
+        },
         "tie_word_embeddings": property(lambda self: self.tie_embeddings),
         "to_longnet": lambda self: LongNetConfig(
             **{f.name: getattr(self, f.name) for f in dataclasses.fields(LongNetConfig)}
@@ -116,6 +151,38 @@ LongNetHFConfig = dataclasses.make_dataclass(
     repr=False,
     kw_only=True,
 )
+
+
+class _LayerOf(LayerCache):
+    """One layer of a transformers cache (DynamicCache) as LongNetLM's LayerCache: append
+    stores through the cache's update, which returns every key so far ((b, g, n, d), seen as
+    (b, n, g, d) views)."""
+
+    def __init__(self, cache, index: int, starts: list[int] | None):
+        super().__init__(0)
+        self.cache, self.index, self.starts = cache, index, starts
+        self.length = cache.get_seq_length(index)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        keys, values = self.cache.update(k.transpose(1, 2), v.transpose(1, 2), self.index)
+        self.keys, self.values = keys.transpose(1, 2), values.transpose(1, 2)
+        self.capacity = self.length = self.keys.shape[1]
+
+
+class _CacheOf(KVCache):
+    """A transformers cache as LongNetLM's KVCache, for one forward."""
+
+    def __init__(self, cache, num_layers: int, starts: list[int] | None):
+        self.layers = [_LayerOf(cache, index, starts) for index in range(num_layers)]
+
+
+def _starts(attention_mask: torch.Tensor | None) -> list[int] | None:
+    """Each row's first token in a left-padded (b, m) mask; None without padding."""
+    if attention_mask is None:
+        return None
+    batch, seq_len = attention_mask.shape
+    documents = from_attention_mask(attention_mask, batch, seq_len)
+    return [start - row * seq_len for row, start in enumerate(documents.starts)]
 
 
 class LongNetForCausalLM(PreTrainedModel, GenerationMixin):
@@ -160,16 +227,27 @@ class LongNetForCausalLM(PreTrainedModel, GenerationMixin):
     ) -> CausalLMOutputWithPast:
         """input_ids (b, n); attention_mask (b, n) 1 on tokens, 0 on padding (left or right);
         labels (b, n) as transformers has them (labels=input_ids: each position predicts the
-        next, shifted here; -100 ignored) -> loss and logits (b, n, V)."""
-        if past_key_values is not None or use_cache:
-            raise NotImplementedError(
-                "LongNetForCausalLM has no transformers cache yet: generate(..., use_cache=False)"
-            )
+        next, shifted here; -100 ignored) -> loss and logits (b, n, V). With use_cache or
+        past_key_values (a DynamicCache: generate() makes one), the tokens after the prompt
+        decode through LongNetLM's cached path, each row from its first token (left padding);
+        a StaticCache is refused."""
         shifted = None if labels is None else F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None
-        out = self.longnet(input_ids, shifted, attention_mask=attention_mask)
-        return CausalLMOutputWithPast(loss=out.loss, logits=out.logits)
+        if not use_cache and past_key_values is None:  # generate() asks for the cache
+            out = self.longnet(input_ids, shifted, attention_mask=attention_mask)
+            return CausalLMOutputWithPast(loss=out.loss, logits=out.logits)
+        if past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if isinstance(past_key_values, StaticCache):
+            raise ValueError("LongNetForCausalLM runs with DynamicCache, not StaticCache")
+        cache = _CacheOf(past_key_values, len(self.blocks), None)
+        if cache.length:  # decoding: the mask covers the cache and the new token
+            cache.starts, attention_mask = _starts(attention_mask), None
+        out = self.longnet(input_ids, shifted, cache=cache, attention_mask=attention_mask)
+        return CausalLMOutputWithPast(
+            loss=out.loss, logits=out.logits, past_key_values=past_key_values
+        )
 
 
 def register() -> None:
