@@ -244,7 +244,7 @@ def resolve_resume(resume: str, output_dir: str | Path) -> tuple[Path, str] | No
     return path.parent, path.name
 
 
-def check_layout(found: tuple[Path, str], current: dict[str, int]) -> None:
+def check_saved_layout(found: tuple[Path, str], current: dict[str, int]) -> None:
     """ValueError unless checkpoint `found` (resolve_resume's answer) was saved by `current`."""
     saved = read_marker(found[0] / found[1]).get("layout")  # None: saved before layouts were
     if saved is not None and saved != current:
@@ -291,7 +291,7 @@ def plan_resume(
         if found is not None:
             verified(found[0] / found[1], hashes, report)
     if found is not None:
-        check_layout(found, current)
+        check_saved_layout(found, current)
     return found
 
 

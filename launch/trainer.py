@@ -163,7 +163,8 @@ def validate(config: Config, world_size: int) -> None:
     if resume is not None:
         # A damaged marker is left to the Trainer's plan_resume, which may resume an older one.
         with contextlib.suppress(checkpoint.DamagedCheckpoint):
-            checkpoint.check_layout(resume, checkpoint.layout(world_size, world_size // sp, sp))
+            current = checkpoint.layout(world_size, world_size // sp, sp)
+            checkpoint.check_saved_layout(resume, current)
 
 
 def check_evaluation_lengths(config: Config, corpus: data.Corpus) -> None:

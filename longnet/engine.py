@@ -82,7 +82,7 @@ def merge(out, lse, block: Block, part_out, part_lse, first: bool) -> None:
 
 
 def adopt(block: Block | None, parts, shapes, dtype) -> list[torch.Tensor] | None:
-    """The kernel results (b*m, h, L, ...) of the plan's spanning block as the (b, n, h, ...)
+    """The kernel results (b*m, h, L, ...) of the plan's whole block as the (b, n, h, ...)
     tensors they lay out, or None unless every one has the dtype and a contiguous layout."""
     if block is None:
         return None
@@ -162,7 +162,7 @@ def forward(
             flags = own_keys(call, nan_entries.unsqueeze(-1)).squeeze(-1)  # (b*m, heads, s)
             mark(nan_readers, call, reads(flags, call.causal, call_out.shape[-2]))
         if out is None:
-            adopted = adopt(plan.spanning, (call_out, call_lse), (q.shape, q.shape[:3]), acc)
+            adopted = adopt(plan.whole_block, (call_out, call_lse), (q.shape, q.shape[:3]), acc)
             if adopted is not None:
                 out, lse = adopted
                 continue
@@ -246,8 +246,8 @@ def backward(grad_out, q, k, v, out, lse, received, plan: Plan, *, scale, kernel
             kernel=kernel,
         )
         if grad_k is None:
-            spanning = None if plan.exchanges else plan.spanning
-            adopted = adopt(spanning, grads, (q.shape, k.shape, v.shape), acc)
+            whole = None if plan.exchanges else plan.whole_block
+            adopted = adopt(whole, grads, (q.shape, k.shape, v.shape), acc)
             if adopted is not None:
                 grad_q, grad_k, grad_v = adopted
                 continue

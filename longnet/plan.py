@@ -189,7 +189,7 @@ class Plan:
         return bool(self.local) and self.local[0].first_write and self.local[0].blocks[0].rate == 1
 
     @property
-    def spanning(self) -> Block | None:
+    def whole_block(self) -> Block | None:
         """The block of the first pattern where it alone covers all n positions and h heads:
         its kernel results ARE (b, n, h, ...) tensors and become the accumulators."""
         first = [call for call in self.local if call.first_write]

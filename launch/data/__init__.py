@@ -19,7 +19,8 @@ barrier, then every rank calls load(config), which reads the cache memory-mapped
 
 from .cache import cache_root, check, prepare
 from .config import SOURCES, DataConfig
-from .packing import Corpus, PackedDataset, document_offsets, load
+from .corpus import Corpus, load
+from .packing import PackedDataset, document_offsets
 from .tokenizer import ByteTokenizer, HFTokenizer, TiktokenTokenizer, Tokenizer, make_tokenizer
 
 __all__ = [

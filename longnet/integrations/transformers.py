@@ -176,6 +176,10 @@ class _CacheOf(KVCache):
         self.layers = [_LayerOf(cache, index, starts) for index in range(num_layers)]
 
 
+# The output field that carries the cache back to generate(), by transformers version.
+_CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
 def _starts(attention_mask: torch.Tensor | None) -> list[int] | None:
     """Each row's first token in a left-padded (b, m) mask; None without padding."""
     if attention_mask is None:
@@ -231,6 +235,8 @@ class LongNetForCausalLM(PreTrainedModel, GenerationMixin):
         past_key_values (a DynamicCache: generate() makes one), the tokens after the prompt
         decode through LongNetLM's cached path, each row from its first token (left padding);
         a StaticCache is refused."""
+        # transformers >= 5.25 names the cache `cache` (past_key_values before).
+        past_key_values = kwargs.pop("cache", None) or past_key_values
         shifted = None if labels is None else F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None
@@ -245,9 +251,7 @@ class LongNetForCausalLM(PreTrainedModel, GenerationMixin):
         if cache.length:  # decoding: the mask covers the cache and the new token
             cache.starts, attention_mask = _starts(attention_mask), None
         out = self.longnet(input_ids, shifted, cache=cache, attention_mask=attention_mask)
-        return CausalLMOutputWithPast(
-            loss=out.loss, logits=out.logits, past_key_values=past_key_values
-        )
+        return CausalLMOutputWithPast(loss=out.loss, logits=out.logits, **{_CACHE: past_key_values})
 
 
 def register() -> None:
