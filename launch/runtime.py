@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import os
 import socket
+import time
 from pathlib import Path
 
 import torch
@@ -39,6 +40,7 @@ from longnet.launch.config import Config, load_config
 from longnet.model import CONFIG_FILE
 
 RUN_CONFIG = "config.yaml"
+_WORKER_DRAIN_S = 0.2
 
 # -- processes ------------------------------------------------------------------------------------
 
@@ -105,6 +107,12 @@ def finish() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        # NOTE: a gloo worker thread frees its last collective's tensors after the caller's wait
+        # returned, and freeing a tensor Python dropped takes the GIL. Past this point the
+        # interpreter may be finalizing, where a thread taking the GIL exits and the process
+        # aborts ("terminate called without an active exception", torch 2.13). Releasing the GIL
+        # for a moment lets those threads finish while it can still be taken.
+        time.sleep(_WORKER_DRAIN_S)
 
 
 def attention(grid: ProcessGrid):
