@@ -36,6 +36,7 @@ import sys
 import torch
 from safetensors.torch import load_file, save_file
 
+from longnet.launch import runtime
 from longnet.launch.config import load_config
 from longnet.launch.trainer import Trainer
 
@@ -45,8 +46,7 @@ with torch.no_grad():
     logits = trainer.engine(load_file(sys.argv[2])["tokens"]).logits
 if torch.distributed.get_rank() == 0:
     save_file({"logits": logits.contiguous()}, sys.argv[3])
-torch.distributed.barrier()  # as the trainer ends: no rank tears down while another still works
-torch.distributed.destroy_process_group()
+runtime.finish()  # as the trainer ends
 """
 
 RUNS = {"zero-1": ("baseline", None), "zero-3-two-ranks": ("zero3-dp2", 2)}
