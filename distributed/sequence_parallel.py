@@ -90,6 +90,12 @@ class _AllToAll:
         return self.received.permute(1, 2, 0, 3)
 
 
+def _exchange(group, overlap: bool) -> engine.Exchange:
+    """engine's exchange over group, for the forward and the backward alike: exchange(x,
+    send_counts, recv_counts) starts an _AllToAll (in flight when overlap)."""
+    return functools.partial(_AllToAll, group=group, overlap=overlap)
+
+
 def _keys_before(k, v, group, rank: int, world: int) -> torch.Tensor:
     """K and V (2, b, (rank + 1) * L, g, d) of every position up to this shard's end: what the
     content-selected pattern's queries may choose from (an all_gather of the shards).
@@ -149,10 +155,7 @@ def _attention_op(
     plan = _shard_plan(q, k, segment_lengths, dilation_rates, causal, head_shift, rank, world)
     chosen = _selection(select_top_k, select_block_size, segment_lengths, rank, world)
     acc = accumulation_dtype(q.dtype) if chosen else None
-
-    def exchange(x, send_counts, recv_counts):
-        return _AllToAll(x, send_counts, recv_counts, group, overlap)
-
+    exchange = _exchange(group, overlap)
     out, lse, received = engine.forward(
         q, k, v, plan, scale=scale, kernel=kernel, exchange=exchange, out_dtype=acc
     )
@@ -205,10 +208,7 @@ def _attention_backward_op(
     group = _resolve_process_group(group_name)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     plan = _shard_plan(q, k, segment_lengths, dilation_rates, causal, head_shift, rank, world)
-
-    def exchange(x, send_counts, recv_counts):
-        return _AllToAll(x, send_counts, recv_counts, group, overlap)
-
+    exchange = _exchange(group, overlap)
     grads = engine.backward(
         grad_out, q, k, v, out, lse, received if plan.exchanges else None, plan,
         scale=scale, kernel=kernel, exchange=exchange,

@@ -254,15 +254,13 @@ def _cached_documents(cache: KVCache, documents, packed: bool):
         return None
     if len(documents.starts) != documents.batch:
         raise ValueError("attention_mask: every row needs at least one token to decode from")
-    starts = []
     for row, (start, length) in enumerate(zip(documents.starts, documents.lengths, strict=True)):
         if start + length != (row + 1) * documents.seq_len or start // documents.seq_len != row:
             raise ValueError(
                 f"attention_mask row {row}: decoding with a cache needs left padding (each row's "
                 f"tokens up to its end)"
             )
-        starts.append(start - row * documents.seq_len)
-    cache.starts = starts
+    cache.starts = documents.row_starts()
     return documents
 
 

@@ -42,6 +42,13 @@ class Documents:
         positions[first + within] = within
         return positions.view(self.batch, self.seq_len)
 
+    def row_starts(self) -> list[int]:
+        """Where each row's tokens start within the row, for one document per row in row order
+        (what from_attention_mask gives when no row is all padding): [start - i * n for the
+        i-th document], a list of b ints in [0, n) (0: no left padding). The order is not
+        checked here: a caller that needs left padding, or a token in every row, checks that."""
+        return [start - row * self.seq_len for row, start in enumerate(self.starts)]
+
     def are_the_rows(self) -> bool:
         """Every row is one whole document: the plain batch."""
         rows = tuple(range(0, self.batch * self.seq_len, self.seq_len))

@@ -16,7 +16,7 @@ from conftest import TOLERANCE, make_qkv, max_error, outputs_and_grads, randn
 
 from longnet import DilatedAttention, KVCache, LongNetConfig, LongNetLM, dilated_attention
 from longnet.reference import dense_dilated_attention
-from longnet.varlen import from_cu_seqlens, groups
+from longnet.varlen import from_attention_mask, from_cu_seqlens, groups
 
 
 def per_document(q, k, v, spans, **options):
@@ -120,6 +120,14 @@ def test_int_mask_and_the_full_mask():
         dilated_attention(q, k, v, attention_mask=torch.ones(2, 12, dtype=torch.bool), **options),
         dilated_attention(q, k, v, **options),
     )
+
+
+def test_row_starts_of_a_padding_mask():
+    """Each row's first token within its row: left padding, right padding, none, 0/1 ints."""
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])
+    assert from_attention_mask(mask, 4, 5).row_starts() == [2, 0, 0, 4]
+    assert from_attention_mask(mask.bool(), 4, 5).row_starts() == [2, 0, 0, 4]
+    assert from_attention_mask(torch.ones(3, 5, dtype=torch.bool), 3, 5).row_starts() == [0] * 3
 
 
 def test_any_memory_layout_and_float32():

@@ -100,12 +100,7 @@ def attention_forward(
         return out, None
     # New tokens against the cache: each decoded as dilated attention's row of its position,
     # every row of the batch from its own first token (left padding).
-    starts = None
-    if attention_mask is not None:
-        documents = from_attention_mask(attention_mask, *attention_mask.shape)
-        starts = [
-            start - row * attention_mask.shape[1] for row, start in enumerate(documents.starts)
-        ]
+    starts = _starts(attention_mask)
     scale = q.shape[-1] ** -0.5 if scaling is None else scaling
     outs = []
     for i, end in enumerate(range(k.shape[1] - q.shape[1] + 1, k.shape[1] + 1)):
@@ -181,12 +176,11 @@ _CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else 
 
 
 def _starts(attention_mask: torch.Tensor | None) -> list[int] | None:
-    """Each row's first token in a left-padded (b, m) mask; None without padding."""
+    """Each row's first token in a (b, m) mask (left padding when decoding): Documents.row_starts
+    of its documents, the mask checked as from_attention_mask checks it; None without a mask."""
     if attention_mask is None:
         return None
-    batch, seq_len = attention_mask.shape
-    documents = from_attention_mask(attention_mask, batch, seq_len)
-    return [start - row * seq_len for row, start in enumerate(documents.starts)]
+    return from_attention_mask(attention_mask, *attention_mask.shape).row_starts()
 
 
 class LongNetForCausalLM(PreTrainedModel, GenerationMixin):
