@@ -45,9 +45,17 @@ class Documents:
     def row_starts(self) -> list[int]:
         """Where each row's tokens start within the row, for one document per row in row order
         (what from_attention_mask gives when no row is all padding): [start - i * n for the
-        i-th document], a list of b ints in [0, n) (0: no left padding). The order is not
-        checked here: a caller that needs left padding, or a token in every row, checks that."""
-        return [start - row * self.seq_len for row, start in enumerate(self.starts)]
+        i-th document], a list of b ints in [0, n) (0: no left padding). ValueError when a row
+        has no token (its document is missing: every later row would read the next row's start);
+        a caller that needs left padding checks that."""
+        starts = [start - row * self.seq_len for row, start in enumerate(self.starts)]
+        if len(starts) != self.batch or any(not 0 <= s < self.seq_len for s in starts):
+            held = sorted({start // self.seq_len for start in self.starts})
+            empty = sorted(set(range(self.batch)) - set(held))
+            raise ValueError(
+                f"attention_mask: row(s) {empty or held} hold no token (each row needs one)"
+            )
+        return starts
 
     def are_the_rows(self) -> bool:
         """Every row is one whole document: the plain batch."""

@@ -128,6 +128,10 @@ def test_row_starts_of_a_padding_mask():
     assert from_attention_mask(mask, 4, 5).row_starts() == [2, 0, 0, 4]
     assert from_attention_mask(mask.bool(), 4, 5).row_starts() == [2, 0, 0, 4]
     assert from_attention_mask(torch.ones(3, 5, dtype=torch.bool), 3, 5).row_starts() == [0] * 3
+    # An all-padding row has no document: refused, not read as the next row's start.
+    empty = torch.tensor([[0, 1, 1], [0, 0, 0], [1, 1, 1]])
+    with pytest.raises(ValueError, match=r"row\(s\) \[1\] hold no token"):
+        from_attention_mask(empty, 3, 3).row_starts()
 
 
 def test_any_memory_layout_and_float32():
