@@ -3,7 +3,10 @@
     python launch/export.py RUN_DIR OUT_DIR [--step N] [--no-verify-hashes]
 
 Writes OUT_DIR/config.json and OUT_DIR/model.safetensors (float32) from the latest complete
-checkpoint (or step N) of any ZeRO stage; load them with LongNetLM.from_pretrained(OUT_DIR).
+checkpoint (or step N) of any ZeRO stage, and the run's tokenizer as Hugging Face tokenizer files
+(tokenizer.json, tokenizer_config.json; byte and tokenizer.json tokenizers, not tiktoken ones);
+load them with LongNetLM.from_pretrained(OUT_DIR), or with transformers' AutoTokenizer and
+AutoModelForCausalLM after `import longnet.integrations.transformers` (lm-eval's HFLM too).
 The checkpoint is verified against its manifest first (longnet.launch.checkpoint): a damaged one
 is refused, naming the file. Sharded ZeRO checkpoints are merged by DeepSpeed's zero_to_fp32,
 which unpickles the run's own optimizer files (as DeepSpeed's resume does): export only runs you
@@ -17,7 +20,11 @@ import sys
 from pathlib import Path
 
 from longnet.launch import checkpoint, cli, runtime
+from longnet.launch.config import load_config
+from longnet.launch.data.tokenizer import HF_TOKENIZER_FILES, make_tokenizer
 from longnet.model import CONFIG_FILE, WEIGHTS_FILE
+
+EXPORTED_FILES = (CONFIG_FILE, WEIGHTS_FILE, *HF_TOKENIZER_FILES)
 
 
 def find_checkpoint(run: Path, step: int | None) -> str:
@@ -39,7 +46,7 @@ def check_out(out: Path) -> None:
     """An empty or new folder this process can write (or a previous export, replaced)."""
     cli.check_output_dir(out, "OUT_DIR")
     if out.exists():
-        others = sorted(p.name for p in out.iterdir() if p.name not in (CONFIG_FILE, WEIGHTS_FILE))
+        others = sorted(p.name for p in out.iterdir() if p.name not in EXPORTED_FILES)
         if others:
             raise ValueError(
                 f"{str(out)!r} holds other files ({', '.join(others[:3])}): export into an "
@@ -52,8 +59,13 @@ def export(run: Path, out: Path, step: int | None = None, hashes: bool = True) -
     out/."""
     tag = find_checkpoint(run, step)
     check_out(out)
+    tokenizer = make_tokenizer(load_config(run / runtime.RUN_CONFIG).data.tokenizer)
     model, _ = runtime.load_run(run, tag, hashes, merge_shards=True)
-    return model.save_pretrained(out)
+    for stale in HF_TOKENIZER_FILES:  # a previous export's, not this run's
+        (out / stale).unlink(missing_ok=True)
+    written = model.save_pretrained(out)
+    tokenizer.save_pretrained(written)
+    return written
 
 
 def main(argv: list[str] | None = None) -> None:

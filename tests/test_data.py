@@ -89,6 +89,33 @@ def test_byte_tokenizer():
     assert (tokenizer.vocab_size, tokenizer.eos_id) == (264, 256)
 
 
+# Texts a tokenizer gets wrong first: multi-byte characters, control bytes, leading spaces,
+# carriage returns, and the EOS token's own text (the data reads it as text, not as EOS).
+HARD_TEXTS = [
+    "def f(x):\n    return x  # é ü 中文 🙂\t\r\n",
+    " leading space",
+    "",
+    "<|endoftext|> in a document <|reserved_257|>",
+    "\x00\x01\x7f\u00ff\U0001f600",
+]
+
+
+def test_byte_tokenizer_saves_what_transformers_loads(tmp_path):
+    """The files export writes: AutoTokenizer encodes every text to the byte tokenizer's ids and
+    decodes them back; EOS is id 256 and the reserved ids are special."""
+    import transformers
+
+    tokenizer = make_tokenizer("byte")
+    assert tokenizer.save_pretrained(tmp_path) == ["tokenizer.json", "tokenizer_config.json"]
+    loaded = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert (len(loaded), loaded.eos_token_id) == (tokenizer.vocab_size, tokenizer.eos_id)
+    for text in HARD_TEXTS:
+        ids = tokenizer.encode(text)
+        assert loaded(text)["input_ids"] == ids, text
+        assert loaded.decode(ids) == text
+    assert loaded.decode([65, 256, 263, 66], skip_special_tokens=True) == "AB"
+
+
 def test_folder_of_every_type_packs_the_documents(tmp_path, corpus_folder):
     folder, expected = corpus_folder
     config = files_config(tmp_path, folder, text_field="content", validation_fraction=0.0)
@@ -155,6 +182,15 @@ def test_hf_tokenizer_file(tmp_path, corpus_folder):
     documents = documents_of(stream_of(corpus.train), tokenizer.eos_id)
     assert sorted(documents) == sorted(hf.encode(t).ids for t in expected)
     assert sorted(tokenizer.decode(d) for d in documents) == sorted(expected)
+    # What export writes for it: transformers' AutoTokenizer encodes as the data did.
+    import transformers
+
+    (tmp_path / "exported").mkdir()
+    tokenizer.save_pretrained(tmp_path / "exported")
+    loaded = transformers.AutoTokenizer.from_pretrained(tmp_path / "exported")
+    assert loaded.eos_token_id == tokenizer.eos_id
+    for text in [*HARD_TEXTS, *expected]:
+        assert loaded(text)["input_ids"] == tokenizer.encode(text), text
     # Bits per byte: the same cross-entropy in bits, over bytes instead of tokens.
     stats = corpus.stats["train"]
     assert stats["bytes"] == sum(len(t.encode()) for t in expected)

@@ -77,6 +77,8 @@ def test_exported_model_computes_the_trained_engines_logits(tmp_path, name):
     assert sorted(p.name for p in (tmp_path / "model").iterdir()) == [
         "config.json",
         "model.safetensors",
+        "tokenizer.json",  # the run's byte tokenizer, for transformers' AutoTokenizer
+        "tokenizer_config.json",
     ]
     model = LongNetLM.from_pretrained(tmp_path / "model")
     assert model.lm_head.weight is model.embed.weight  # tied, as trained

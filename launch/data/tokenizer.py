@@ -1,9 +1,16 @@
 """Tokenizers: UTF-8 bytes, a local tokenizer.json, or a tiktoken encoding; each with an EOS id,
-the separator appended to every document."""
+the separator appended to every document.
+
+`save_pretrained(folder)` writes the byte and tokenizer.json tokenizers as Hugging Face tokenizer
+files (tokenizer.json for the `tokenizers` library, tokenizer_config.json naming
+PreTrainedTokenizerFast and the EOS), which `transformers.AutoTokenizer.from_pretrained(folder)`
+and lm-eval's HFLM load; they encode every text to the same ids.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +39,21 @@ class ByteTokenizer:
 
     def decode(self, ids) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def save_pretrained(self, folder: Path) -> list[str]:
+        """Byte-level BPE without merges: each byte is one token whose id is its value (the
+        characters stand for bytes as in GPT-2's byte-level vocabulary); EOS and the reserved
+        ids are special tokens."""
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+        vocab = {char: byte for byte, char in enumerate(_byte_characters())}
+        tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        reserved = [f"<|reserved_{i}|>" for i in range(self.eos_id + 1, self.vocab_size)]
+        tokenizer.add_special_tokens([EOS_NAMES[0], *reserved])
+        # encode() reads "<|endoftext|>" in a text as its bytes; so must transformers.
+        return _save_hf(tokenizer, EOS_NAMES[0], folder, split_special_tokens=True)
 
 
 class HFTokenizer:
@@ -66,6 +88,10 @@ class HFTokenizer:
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def save_pretrained(self, folder: Path) -> list[str]:
+        """The tokenizer.json as loaded (with the EOS added where it had none)."""
+        return _save_hf(self.tokenizer, self.tokenizer.id_to_token(self.eos_id), folder)
 
 
 class TiktokenTokenizer:
@@ -105,8 +131,39 @@ class TiktokenTokenizer:
     def decode(self, ids) -> str:
         return self.encoding.decode(list(ids), errors="replace")
 
+    def save_pretrained(self, folder: Path) -> list[str]:
+        """Nothing: a tiktoken encoding has no tokenizer.json; transformers loads it from its
+        own files (AutoTokenizer with `from_slow` and the encoding's .tiktoken file)."""
+        return []
+
 
 Tokenizer = ByteTokenizer | HFTokenizer | TiktokenTokenizer
+
+# The Hugging Face tokenizer files save_pretrained writes.
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def _byte_characters() -> list[str]:
+    """The printable character that stands for each byte 0..255 in a byte-level vocabulary
+    (GPT-2's table: printable Latin-1 bytes stand for themselves, the others for 256 + i)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    others = (byte for byte in range(256) if byte not in printable)
+    table = {byte: chr(byte) for byte in printable}
+    table |= {byte: chr(256 + i) for i, byte in enumerate(others)}
+    return [table[byte] for byte in range(256)]
+
+
+def _save_hf(tokenizer, eos: str, folder: Path, split_special_tokens: bool = False) -> list[str]:
+    """tokenizer.json and a tokenizer_config.json for transformers' PreTrainedTokenizerFast."""
+    tokenizer.save(str(folder / HF_TOKENIZER_FILES[0]))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": eos,
+        "pad_token": eos,
+        "split_special_tokens": split_special_tokens,
+    }
+    (folder / HF_TOKENIZER_FILES[1]).write_text(json.dumps(config, indent=2) + "\n")
+    return list(HF_TOKENIZER_FILES)
 
 
 def make_tokenizer(spec: str) -> Tokenizer:
