@@ -160,8 +160,11 @@ def test_transformers_conventions(exported):
         padded = loaded(tokens, attention_mask=mask).logits
         assert (padded[0, 5:] - model(tokens[:1, 5:]).logits[0]).abs().max() < 1e-5
     expected = model.generate(tokens, 12, top_k=1, attention_mask=mask.bool())
-    for use_cache in (True, False):  # DynamicCache through LongNetLM's decoding, or none
-        generated = loaded.generate(
-            tokens, attention_mask=mask, max_new_tokens=12, do_sample=False, use_cache=use_cache
-        )
-        assert torch.equal(generated, expected), use_cache
+    greedy = dict(attention_mask=mask, max_new_tokens=12, do_sample=False)
+    for cache in ("dynamic", "static"):  # through LongNetLM's decoding
+        generated = loaded.generate(tokens, cache_implementation=cache, **greedy)
+        assert torch.equal(generated, expected), cache
+    assert torch.equal(loaded.generate(tokens, use_cache=False, **greedy), expected)
+    short = transformers.StaticCache(config=loaded.config, max_cache_len=25)
+    with pytest.raises(ValueError, match="the cache holds 25 tokens, the sequence needs 26"):
+        loaded.generate(tokens, past_key_values=short, **greedy)

@@ -41,7 +41,7 @@ from transformers import (
     PreTrainedConfig,
     PreTrainedModel,
 )
-from transformers.cache_utils import DynamicCache, StaticCache
+from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -149,19 +149,29 @@ LongNetHFConfig = dataclasses.make_dataclass(
 
 
 class _LayerOf(LayerCache):
-    """One layer of a transformers cache (DynamicCache) as LongNetLM's LayerCache: append
-    stores through the cache's update, which returns every key so far ((b, g, n, d), seen as
-    (b, n, g, d) views)."""
+    """One layer of a transformers cache as LongNetLM's LayerCache: append stores through the
+    cache's update, which returns its key buffer ((b, g, m, d): every key so far for a
+    DynamicCache; max_cache_len slots for a StaticCache, the first `length` of them written),
+    seen as (b, n, g, d) views of the written keys."""
 
     def __init__(self, cache, index: int, starts: list[int] | None):
         super().__init__(0)
         self.cache, self.index, self.starts = cache, index, starts
-        self.length = cache.get_seq_length(index)
+        self.length = int(cache.get_seq_length(index))  # a StaticCache counts in a tensor
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        end = self.length + k.shape[1]
+        # -1: grows (DynamicCache). transformers >= 5.25 names it get_max_length.
+        max_length = getattr(self.cache, "get_max_length", None) or self.cache.get_max_cache_shape
+        slots = max_length(self.index)
+        if 0 <= slots < end:
+            raise ValueError(
+                f"the cache holds {slots} tokens, the sequence needs {end}: "
+                f"a larger max_cache_len (or a DynamicCache)"
+            )
         keys, values = self.cache.update(k.transpose(1, 2), v.transpose(1, 2), self.index)
-        self.keys, self.values = keys.transpose(1, 2), values.transpose(1, 2)
-        self.capacity = self.length = self.keys.shape[1]
+        self.keys, self.values = (x[:, :, :end].transpose(1, 2) for x in (keys, values))
+        self.capacity = self.length = end
 
 
 class _CacheOf(KVCache):
@@ -211,6 +221,12 @@ class LongNetForCausalLM(PreTrainedModel, GenerationMixin):
     def get_input_embeddings(self) -> torch.nn.Module:
         return self.embed
 
+    def create_masks_for_generate(self, attention_mask=None, **kwargs):
+        """What generate() passes the forward for a compilable cache (StaticCache), where it
+        would build a 4D causal mask: the (b, n) padding mask as it is (each row's tokens are
+        its document; LongNet's patterns are the rest)."""
+        return attention_mask
+
     def get_output_embeddings(self) -> torch.nn.Module:
         return self.lm_head
 
@@ -226,9 +242,9 @@ class LongNetForCausalLM(PreTrainedModel, GenerationMixin):
         """input_ids (b, n); attention_mask (b, n) 1 on tokens, 0 on padding (left or right);
         labels (b, n) as transformers has them (labels=input_ids: each position predicts the
         next, shifted here; -100 ignored) -> loss and logits (b, n, V). With use_cache or
-        past_key_values (a DynamicCache: generate() makes one), the tokens after the prompt
-        decode through LongNetLM's cached path, each row from its first token (left padding);
-        a StaticCache is refused."""
+        past_key_values (a DynamicCache or a StaticCache: generate() makes one), the tokens after
+        the prompt decode through LongNetLM's cached path, each row from its first token (left
+        padding)."""
         # transformers >= 5.25 names the cache `cache` (past_key_values before).
         past_key_values = kwargs.pop("cache", None) or past_key_values
         shifted = None if labels is None else F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
@@ -239,8 +255,6 @@ class LongNetForCausalLM(PreTrainedModel, GenerationMixin):
             return CausalLMOutputWithPast(loss=out.loss, logits=out.logits)
         if past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
-        if isinstance(past_key_values, StaticCache):
-            raise ValueError("LongNetForCausalLM runs with DynamicCache, not StaticCache")
         cache = _CacheOf(past_key_values, len(self.blocks), None)
         if cache.length:  # decoding: the mask covers the cache and the new token
             cache.starts, attention_mask = _starts(attention_mask), None
