@@ -22,6 +22,7 @@ from torch.distributed.distributed_c10d import _resolve_process_group
 from longnet import engine, selection
 from longnet.checks import flag
 from longnet.dilated import attend, check_arguments, check_patterns, kernel_for
+from longnet.distributed.documents import attention as documents_attention
 from longnet.kernels import accumulation_dtype
 from longnet.plan import make_plan
 from longnet.varlen import Documents
@@ -391,8 +392,9 @@ def sequence_parallel_dilated_attention(
     kernels for the same cores (measured at P = 2 on 2 cores: efficiency 0.942-0.973 with it,
     0.986 without).
     select_top_k > 0 adds the content-selected pattern, as in dilated_attention.
-    documents (longnet.dilated.check_documents' answer: each its own sequence) run on a group
-    of one rank only, for now.
+    documents (longnet.varlen.Documents, each its own sequence) lie in the global rows
+    (b, P * L): from cu_seqlens over the b * P * L tokens or a (b, P * L) padding mask, the same
+    on every rank; causal only (longnet/distributed/documents.py).
     """
     arguments = (
         q, k, v, segment_lengths, dilation_rates, causal, softmax_scale, backend, head_shift,
@@ -410,9 +412,8 @@ def sequence_parallel_dilated_attention(
     _effective_segment_lengths(patterns, q.shape[1], world)
     lengths, rates = ([pattern[i] for pattern in patterns] for i in (0, 1))
     if documents is not None and world > 1:
-        raise ValueError(
-            f"documents (cu_seqlens or attention_mask) under sequence parallelism over {world} "
-            f"ranks are not built yet: run them on a group of one rank"
+        return _attention_of_documents(
+            q, k, v, documents, patterns, scale, arguments, group, overlap
         )
     if not _communicates(lengths, q.shape[1], world, select_top_k):
         # no key comes from another rank (also P = 1): one device's op on the shard, on the
@@ -427,6 +428,39 @@ def sequence_parallel_dilated_attention(
         select_block_size, group_name, overlap,
     )  # fmt: skip
     return out
+
+
+def _attention_of_documents(q, k, v, documents, patterns, scale, arguments, group, overlap):
+    """sequence_parallel_dilated_attention's answer for documents over the global rows."""
+    world, rank = _group_size_and_rank(group)
+    *_, causal, _, backend, head_shift, top_k, block_size = arguments
+    if not causal:
+        raise ValueError(
+            "documents (cu_seqlens or attention_mask) under sequence parallelism run causal only: "
+            "a document moved to a row of its own would read that row's padding"
+        )
+    if (documents.batch, documents.seq_len) != (q.shape[0], world * q.shape[1]):
+        raise ValueError(
+            f"documents under sequence parallelism lie in the global rows (batch, {world} x "
+            f"{q.shape[1]}) = {(q.shape[0], world * q.shape[1])}, got "
+            f"{(documents.batch, documents.seq_len)}"
+        )
+    lengths, rates = ([pattern[i] for pattern in patterns] for i in (0, 1))
+    options = dict(backend=backend, head_shift=head_shift, select_top_k=top_k,
+                   select_block_size=block_size)  # fmt: skip
+
+    def attend_shard(q, k, v, own):
+        return attend(q, k, v, patterns, causal=True, scale=scale, documents=own, **options)
+
+    def attend_rows(q, k, v):
+        return sequence_parallel_dilated_attention(
+            q, k, v, lengths, rates, group=group, causal=True, softmax_scale=scale,
+            overlap=overlap, **options,
+        )  # fmt: skip
+
+    return documents_attention(
+        q, k, v, documents, lengths, group, world, rank, attend_shard, attend_rows
+    )
 
 
 def _group_name(group) -> str:
