@@ -103,11 +103,6 @@ def validate(config: Config, world_size: int) -> None:
         raise ValueError(
             f"parallel.sequence_parallel_size={sp} does not divide the world size {world_size}"
         )
-    if config.data.document_boundaries and sp > 1:
-        raise ValueError(
-            f"data.document_boundaries=true runs with parallel.sequence_parallel_size=1 only "
-            f"(documents across sequence-parallel ranks are not built yet), got {sp}"
-        )
     model = config.model.build()
     stages = config.data.seq_len_schedule or []
     for key, seq_len in (
@@ -301,7 +296,7 @@ class Trainer:
         (longnet.launch.data.passkey); this rank runs its slice of each."""
         mine, offset = runtime.shard(rows, self.grid, self.device)
         documents = {}
-        if self.config.data.document_boundaries:  # one sequence per document (no SP: validate)
+        if self.config.data.document_boundaries:  # one sequence per document, of the global rows
             eos = self.corpus.tokenizer.eos_id
             documents["cu_seqlens"] = data.document_offsets(rows["input_ids"], eos)
         out = self.engine(

@@ -243,6 +243,30 @@ def _cross_entropy_sum(
     return (losses * weights.to(losses.dtype)).sum()
 
 
+def _document_rows(shape, position_offset: int, cu_seqlens, attention_mask) -> tuple[int, int]:
+    """(b, N), the rows the documents lie in: the tokens' (b, n), or the global rows (b, N) of
+    which the tokens are a sequence-parallel shard at position_offset (cu_seqlens ending at
+    b * N, a (b, N) mask). ValueError when the shard does not lie in those rows."""
+    batch, n = shape
+    if attention_mask is not None and getattr(attention_mask, "dim", lambda: 0)() == 2:
+        total = attention_mask.shape[1]
+    elif isinstance(cu_seqlens, (torch.Tensor, list, tuple)) and len(cu_seqlens) and batch:
+        last = cu_seqlens[-1]  # NOTE: a host read of a CUDA tensor (its layout is needed)
+        if isinstance(last, torch.Tensor) and last.dim() == 0 and not last.is_floating_point():
+            last = int(last)
+        if isinstance(last, bool) or not isinstance(last, int) or last % batch:
+            return batch, n  # check_documents names what is wrong
+        total = last // batch
+    else:
+        return batch, n
+    if total != n and not (total > n and position_offset + n <= total):
+        raise ValueError(
+            f"documents over rows of {total} tokens do not hold tokens {tuple(shape)} at "
+            f"position_offset {position_offset} (a shard takes the documents of its global rows)"
+        )
+    return batch, total
+
+
 def _cached_documents(cache: KVCache, documents, packed: bool):
     """The prompt's documents when a cache decodes after it: one per row, ending at the row's
     end (left padding), whose starts the cache keeps; None for the later steps."""
@@ -394,7 +418,8 @@ class LongNetLM(nn.Module):
                     f"after the prompt, the cache takes one token at a time, got {tokens.shape[1]}"
                 )
             position_offset = cache.length
-        documents = check_documents(tokens.shape, cu_seqlens, attention_mask)
+        rows = _document_rows(tokens.shape, position_offset, cu_seqlens, attention_mask)
+        documents = check_documents(rows, cu_seqlens, attention_mask)
         if cache is not None and (documents is not None or cache.starts is not None):
             documents = _cached_documents(cache, documents, cu_seqlens is not None)
         x = self.embed(tokens)  # (b, n, D)
@@ -405,8 +430,11 @@ class LongNetLM(nn.Module):
             positions = relative_positions(
                 position_offset, tokens.shape[1], self.config.position_period, tokens.device
             )
-        else:  # each document's from 0, as when it runs alone
-            positions = fold(documents.positions(tokens.device), self.config.position_period)
+        else:  # each document's from 0, as when it runs alone (a shard: its part of them)
+            positions = documents.positions(tokens.device)
+            if rows[1] != tokens.shape[1]:
+                positions = positions[:, position_offset : position_offset + tokens.shape[1]]
+            positions = fold(positions, self.config.position_period)
         encoding = self.positions.encode(positions, accumulation_dtype(x.dtype))
         return self.norm(self.blocks(x, encoding, cache, documents))
 
@@ -441,7 +469,9 @@ class LongNetLM(nn.Module):
         boundary): attention_mask (b, n), True on tokens and False on padding (left or right),
         whose labels are then ignored, or cu_seqlens, flash-attn's offsets of packed documents
         in the flattened (b * n) tokens (the label of a document's last token is the caller's
-        to ignore). As for longnet.dilated_attention; not with a cache yet.
+        to ignore). As for longnet.dilated_attention. A sequence-parallel shard (tokens at
+        position_offset of rows of N tokens, the model's attention sequence-parallel) takes the
+        documents of the global rows: cu_seqlens over the b * N tokens or a (b, N) mask.
         """
         if labels is not None and (
             not isinstance(labels, torch.Tensor) or labels.shape != tokens.shape
@@ -461,6 +491,8 @@ class LongNetLM(nn.Module):
             tokens, position_offset, cache, cu_seqlens=cu_seqlens, attention_mask=attention_mask
         )  # (b, n, D)
         if labels is not None and attention_mask is not None:
+            if attention_mask.shape[1] != tokens.shape[1]:  # the global rows of a shard
+                attention_mask = attention_mask[:, position_offset:][:, : tokens.shape[1]]
             labels = labels.masked_fill(~attention_mask.bool(), IGNORE_INDEX)
         if labels is None:
             return LMOutput(self.lm_head(hidden))

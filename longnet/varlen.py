@@ -172,6 +172,11 @@ def run(
 ) -> torch.Tensor:
     """attend_rows (the one-device op on a batch of rows) on each document alone: q (b, n, h, d),
     k and v (b, n, g, d) -> (b, n, h, d), zero on padding."""
+    if (documents.batch, documents.seq_len) != tuple(q.shape[:2]):
+        raise ValueError(
+            f"documents lie in rows {(documents.batch, documents.seq_len)}, q has "
+            f"{tuple(q.shape[:2])}: documents of global rows take a sequence-parallel attention"
+        )
     if documents.are_the_rows():
         return attend_rows(q, k, v)
     batch, n, heads, dim = q.shape

@@ -14,7 +14,7 @@ from conftest import TOLERANCE, make_qkv, max_error, outputs_and_grads, randn
 from test_sequence_parallel import sp_group
 from test_varlen import per_document
 
-from longnet import dilated_attention
+from longnet import LongNetConfig, LongNetLM, dilated_attention
 from longnet.dilated import check_documents
 from longnet.distributed import sequence_parallel_dilated_attention, shard_sequence
 from longnet.distributed.documents import shard_of_row, split
@@ -145,3 +145,58 @@ def test_bad_documents_are_refused_on_every_rank():
     shard_rows = Documents((0,), (SHARD_LEN,), 1, SHARD_LEN)
     messages = distributed_utils.run(run_refusals, causal, shard_rows)
     assert all("lie in the global rows" in m for m in messages), messages
+
+
+MODEL = dict(
+    vocab_size=40, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=48,
+    segment_lengths=(4, 8, 32), dilation_rates=(1, 2, 4), position="rotary",
+)  # fmt: skip
+
+
+def model_loss_and_grads(model, tokens, targets, offset, **documents):
+    """(logits, loss sum, parameter gradients) of this slice of the rows."""
+    model.zero_grad()
+    out = model(tokens, targets, position_offset=offset, **documents)
+    out.loss_sum.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    return out.logits.detach(), out.loss_sum.detach(), grads
+
+
+def run_model(size, tokens, documents):
+    """Worker: a LongNetLM on this rank's shard of the rows, the documents of the global rows."""
+    group, member = sp_group(size)
+    if not member:
+        return None
+    torch.manual_seed(0)
+    attention = functools.partial(sequence_parallel_dilated_attention, group=group)
+    model = LongNetLM(LongNetConfig(**MODEL), attention_fn=attention).double()
+    inputs, targets = (shard_sequence(x, group) for x in (tokens[:, :-1], tokens[:, 1:]))
+    offset = torch.distributed.get_rank(group) * inputs.shape[1]
+    return torch.distributed.get_rank(group), model_loss_and_grads(
+        model, inputs, targets, offset, **documents
+    )
+
+
+@pytest.mark.parametrize("documents", ["cu_seqlens", "attention_mask"])
+def test_model_on_shards_equals_one_process(documents):
+    """LongNetLM under 4 ranks with the global rows' documents (packed documents crossing ranks
+    and rows; left padding, whose labels are ignored): each rank's logits are its part of one
+    process's, the loss sums and the parameter gradients add up to one process's."""
+    tokens = torch.randint(0, 40, (2, 33), generator=torch.Generator().manual_seed(1))
+    given = {
+        "cu_seqlens": [0, 5, 13, 30, 41, 64],
+        "attention_mask": torch.arange(32) >= torch.tensor([[3], [20]]),
+    }[documents]
+    results = distributed_utils.run(run_model, 4, tokens, {documents: given})
+    torch.manual_seed(0)
+    one = LongNetLM(LongNetConfig(**MODEL)).double()
+    logits, loss_sum, grads = model_loss_and_grads(
+        one, tokens[:, :-1], tokens[:, 1:], 0, **{documents: given}
+    )
+    shards = dict(r for r in results if r is not None)
+    assert sorted(shards) == [0, 1, 2, 3]
+    for rank, (part, _, _) in shards.items():
+        assert max_error(part, logits[:, 8 * rank : 8 * rank + 8]) <= 1e-10, rank
+    assert abs(sum(s[1] for s in shards.values()) - loss_sum) <= 1e-9
+    for i, grad in enumerate(grads):
+        assert max_error(sum(s[2][i] for s in shards.values()), grad) <= 1e-9, i

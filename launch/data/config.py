@@ -54,8 +54,8 @@ class DataConfig(BaseModel):
         None: seq_len throughout. Evaluation and checkpoints ignore it.
     document_boundaries: each document of a packed row (its tokens up to and including its
         EOS) is its own sequence in attention: no key crosses a document boundary and segments
-        start at each document's first token (longnet.dilated_attention's cu_seqlens). With
-        parallel.sequence_parallel_size 1 and without pass keys, for now.
+        start at each document's first token (longnet.dilated_attention's cu_seqlens), also
+        across sequence-parallel ranks. Not with pass keys.
     """
 
     # strict, as the rest of the config tree: YAML gives numbers and booleans already.
