@@ -6,10 +6,11 @@
 A run folder: its config.yaml and the weights of its latest complete checkpoint (or
 --checkpoint step_*), verified against the checkpoint's manifest and read as tensors only (a
 ZeRO-3 run is sharded: export it first with launch/export.py). An exported folder (config.json,
-model.safetensors): LongNetLM.from_pretrained; its tokenizer is --tokenizer (default byte).
-Samples with longnet.generation's key/value cache; --temperature 0 (like --top-k 1) decodes
-greedily. Every argument is checked before the model loads: bad input ends with one line
-`error: ...` and exit status 2.
+model.safetensors): LongNetLM.from_pretrained; its tokenizer is --tokenizer, else the one
+export wrote into the folder (byte for a folder without one). Runs on this machine's accelerator
+when it has one. Samples with longnet.generation's key/value cache; --temperature 0 (like
+--top-k 1) decodes greedily. Every argument is checked before the model loads: bad input ends
+with one line `error: ...` and exit status 2.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from longnet import LongNetLM
 from longnet.launch import cli, runtime
 from longnet.launch.config import load_config
 from longnet.launch.data import Tokenizer, make_tokenizer
+from longnet.launch.data.tokenizer import exported_tokenizer
 
 
 def check_sampling(args: argparse.Namespace) -> None:
@@ -40,10 +42,11 @@ def check_sampling(args: argparse.Namespace) -> None:
 
 
 def tokenizer_of(args: argparse.Namespace, exported: bool) -> Tokenizer:
-    """--tokenizer, else the run's own (an exported model's default: byte)."""
+    """--tokenizer, else the run's own (an exported model: the one in its folder)."""
     if args.tokenizer is None:
-        spec = "byte" if exported else load_config(args.model / runtime.RUN_CONFIG).data.tokenizer
-        return make_tokenizer(spec)
+        if exported:
+            return exported_tokenizer(args.model)
+        return make_tokenizer(load_config(args.model / runtime.RUN_CONFIG).data.tokenizer)
     try:
         return make_tokenizer(args.tokenizer)
     except ValueError as error:
@@ -78,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("model", type=Path, help="a run's output_dir or an exported folder")
     parser.add_argument("--checkpoint", help="a run's step_* folder name (default: the latest)")
-    parser.add_argument("--tokenizer", help="default: the run's own; byte for an exported model")
+    parser.add_argument("--tokenizer", help="default: the run's own, or the exported folder's")
     parser.add_argument("--prompt", default="def ", help="the text to continue (not empty)")
     parser.add_argument("--max-new-tokens", type=int, default=200, help=">= 1")
     parser.add_argument("--temperature", type=float, default=0.8, help="> 0; 0: greedy")
@@ -98,7 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     # temperature 0 is the limit of sharper and sharper sampling: the most likely token.
     temperature, top_k = (1.0, 1) if args.temperature == 0 else (args.temperature, args.top_k)
     torch.manual_seed(args.seed)
-    tokens = model.generate(prompt, args.max_new_tokens, temperature, top_k)
+    device = runtime.device()
+    tokens = model.to(device).generate(prompt.to(device), args.max_new_tokens, temperature, top_k)
     print(tokenizer.decode(tokens[0].tolist()))
 
 

@@ -160,8 +160,8 @@ def tiny_lm(device, seed=0, **overrides) -> LongNetLM:
 @pytest.mark.parametrize("position", ["xpos", "alibi"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_cached_greedy_generation_equals_uncached(device, position, num_kv_heads):
-    """float32: the cache's decode step (plain matmuls) against the whole sequence through the
-    fused kernels each time."""
+    """float32: the cache's decode step (a one-query plan through the executor) against the
+    whole sequence through the fused kernels each time."""
     model = tiny_lm(device, position=position, num_kv_heads=num_kv_heads).eval()
     prompt = torch.randint(0, 48, (2, 5), generator=torch.Generator().manual_seed(1)).to(device)
     cached = model.generate(prompt, 27, top_k=1, use_cache=True)

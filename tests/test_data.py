@@ -18,6 +18,7 @@ import torch
 
 from longnet.launch.data import ByteTokenizer, DataConfig, check, load, make_tokenizer, prepare
 from longnet.launch.data.passkey import plant
+from longnet.launch.data.tokenizer import HFTokenizer, exported_tokenizer
 
 EOS = ByteTokenizer.eos_id
 SMALL_STDLIB = dict(seq_len=32, max_documents=10, validation_fraction=0.3)
@@ -191,6 +192,11 @@ def test_hf_tokenizer_file(tmp_path, corpus_folder):
     assert loaded.eos_token_id == tokenizer.eos_id
     for text in [*HARD_TEXTS, *expected]:
         assert loaded(text)["input_ids"] == tokenizer.encode(text), text
+    # generate's default for an exported folder: the tokenizer saved there.
+    again = exported_tokenizer(tmp_path / "exported")
+    assert isinstance(again, HFTokenizer) and again.eos_id == tokenizer.eos_id
+    assert all(again.encode(t) == tokenizer.encode(t) for t in expected)
+
     # Bits per byte: the same cross-entropy in bits, over bytes instead of tokens.
     stats = corpus.stats["train"]
     assert stats["bytes"] == sum(len(t.encode()) for t in expected)
@@ -204,6 +210,17 @@ def test_hf_tokenizer_file(tmp_path, corpus_folder):
     plain.save(str(tmp_path / "plain.json"))
     tokenizer = make_tokenizer(str(tmp_path / "plain.json"))
     assert (tokenizer.eos_id, tokenizer.vocab_size) == (3, 4)
+
+
+def test_exported_tokenizer_reads_what_save_pretrained_wrote(tmp_path):
+    """byte: the byte tokenizer; no tokenizer files: byte (older exports); a garbled config is
+    refused naming the file."""
+    assert isinstance(exported_tokenizer(tmp_path), ByteTokenizer)
+    make_tokenizer("byte").save_pretrained(tmp_path)
+    assert isinstance(exported_tokenizer(tmp_path), ByteTokenizer)
+    (tmp_path / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="tokenizer_config.json' is not a tokenizer config"):
+        exported_tokenizer(tmp_path)
 
 
 def test_stdlib_default_is_python_source_and_split_is_stable(tmp_path):

@@ -53,7 +53,7 @@ class ByteTokenizer:
         reserved = [f"<|reserved_{i}|>" for i in range(self.eos_id + 1, self.vocab_size)]
         tokenizer.add_special_tokens([EOS_NAMES[0], *reserved])
         # encode() reads "<|endoftext|>" in a text as its bytes; so must transformers.
-        return _save_hf(tokenizer, EOS_NAMES[0], folder, split_special_tokens=True)
+        return _save_hf(tokenizer, EOS_NAMES[0], folder, self.name, split_special_tokens=True)
 
 
 class HFTokenizer:
@@ -91,7 +91,8 @@ class HFTokenizer:
 
     def save_pretrained(self, folder: Path) -> list[str]:
         """The tokenizer.json as loaded (with the EOS added where it had none)."""
-        return _save_hf(self.tokenizer, self.tokenizer.id_to_token(self.eos_id), folder)
+        eos = self.tokenizer.id_to_token(self.eos_id)
+        return _save_hf(self.tokenizer, eos, folder, HF_TOKENIZER_FILES[0])
 
 
 class TiktokenTokenizer:
@@ -153,17 +154,35 @@ def _byte_characters() -> list[str]:
     return [table[byte] for byte in range(256)]
 
 
-def _save_hf(tokenizer, eos: str, folder: Path, split_special_tokens: bool = False) -> list[str]:
-    """tokenizer.json and a tokenizer_config.json for transformers' PreTrainedTokenizerFast."""
+def _save_hf(
+    tokenizer, eos: str, folder: Path, spec: str, split_special_tokens: bool = False
+) -> list[str]:
+    """tokenizer.json and a tokenizer_config.json for transformers' PreTrainedTokenizerFast;
+    `longnet_tokenizer` records the data.tokenizer spec that reads the folder back
+    (exported_tokenizer)."""
     tokenizer.save(str(folder / HF_TOKENIZER_FILES[0]))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "eos_token": eos,
         "pad_token": eos,
         "split_special_tokens": split_special_tokens,
+        "longnet_tokenizer": spec,
     }
     (folder / HF_TOKENIZER_FILES[1]).write_text(json.dumps(config, indent=2) + "\n")
     return list(HF_TOKENIZER_FILES)
+
+
+def exported_tokenizer(folder: Path) -> Tokenizer:
+    """The tokenizer an exported model folder holds (save_pretrained's files); byte for a folder
+    without them (an export from before tokenizers were written)."""
+    config = folder / HF_TOKENIZER_FILES[1]
+    if not config.is_file():
+        return ByteTokenizer()
+    try:
+        spec = json.loads(config.read_text()).get("longnet_tokenizer", HF_TOKENIZER_FILES[0])
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
+        raise ValueError(f"{str(config)!r} is not a tokenizer config: {error}") from None
+    return make_tokenizer(spec if spec == "byte" else str(folder / HF_TOKENIZER_FILES[0]))
 
 
 def make_tokenizer(spec: str) -> Tokenizer:
