@@ -121,14 +121,16 @@ def from_attention_mask(attention_mask, batch: int, seq_len: int) -> Documents:
         attention_mask = attention_mask.bool()
     counts = attention_mask.sum(1)  # (b,)
     first = attention_mask.int().argmax(1)  # (b,): the first token of each row
-    for row, (count, start, tokens) in enumerate(
-        zip(counts.tolist(), first.tolist(), attention_mask.tolist(), strict=True)
-    ):
-        if count and not all(tokens[start : start + count]):
-            raise ValueError(
-                f"attention_mask row {row}: its tokens (True) must be one contiguous run (left or "
-                f"right padding), got {_shorten([int(t) for t in tokens])}"
-            )
+    last = seq_len - 1 - attention_mask.flip(1).int().argmax(1)  # (b,): the last one
+    # One contiguous run: as many tokens as from the first to the last (host reads of (b,) only).
+    split_rows = ((counts > 0) & (counts != last - first + 1)).nonzero().flatten().tolist()
+    if split_rows:
+        row = split_rows[0]
+        tokens = attention_mask[row].int().tolist()
+        raise ValueError(
+            f"attention_mask row {row}: its tokens (True) must be one contiguous run (left or "
+            f"right padding), got {_shorten(tokens)}"
+        )
     pairs = [
         (row * seq_len + start, count)
         for row, (count, start) in enumerate(zip(counts.tolist(), first.tolist(), strict=True))
