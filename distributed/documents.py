@@ -21,6 +21,7 @@ must pass the same documents.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -107,6 +108,26 @@ def _pieces(documents: Documents, moved: list[int], shard_len: int, world: int, 
     return pieces, rows
 
 
+@functools.lru_cache(maxsize=64)
+def _layout(documents: Documents, shard_len: int, world: int, rank: int, segment_lengths):
+    """(this rank's own documents, and None when no document moves, else (the pieces it sends,
+    those it receives, send and receive counts per rank, {S: rows})). Every layer of a step
+    asks for the same documents: computed once."""
+    own, moved = split(documents, shard_len, world, rank)
+    if not moved:
+        return own, None
+    pieces, rows = _pieces(documents, moved, shard_len, world, segment_lengths)
+    # Both sides order a pair's tokens by (document, position): the receiver's order is the
+    # sender's.
+    sent = [p for p in pieces if p.source == rank]
+    sent.sort(key=lambda p: (p.dest, p.document, p.first))
+    got = [p for p in pieces if p.dest == rank]
+    got.sort(key=lambda p: (p.source, p.document, p.first))
+    send_counts = [sum(p.length for p in sent if p.dest == r) for r in range(world)]
+    recv_counts = [sum(p.length for p in got if p.source == r) for r in range(world)]
+    return own, (sent, got, send_counts, recv_counts, rows)
+
+
 def _indices(pieces, attribute: str, device) -> torch.Tensor:
     """The token indices the pieces cover, from each piece's `attribute` on, in their order."""
     if not pieces:
@@ -135,19 +156,11 @@ def attention(
     attend_shard(q, k, v, documents): the one-device op on this shard's own documents;
     attend_rows(q, k, v): the sequence-parallel op on rows split over the ranks of group."""
     batch, shard_len, heads, _ = q.shape
-    own, moved = split(documents, shard_len, world, rank)
+    own, layout = _layout(documents, shard_len, world, rank, tuple(segment_lengths))
     out = attend_shard(q, k, v, own)  # (b, L, h, dv), zero on the moved tokens
-    if not moved:
+    if layout is None:
         return out
-    pieces, rows = _pieces(documents, moved, shard_len, world, segment_lengths)
-    # Both sides order a pair's tokens by (document, position): the receiver's order is the
-    # sender's.
-    sent = [p for p in pieces if p.source == rank]
-    sent.sort(key=lambda p: (p.dest, p.document, p.first))
-    got = [p for p in pieces if p.dest == rank]
-    got.sort(key=lambda p: (p.source, p.document, p.first))
-    send_counts = [sum(p.length for p in sent if p.dest == r) for r in range(world)]
-    recv_counts = [sum(p.length for p in got if p.source == r) for r in range(world)]
+    sent, got, send_counts, recv_counts, rows = layout
     held, slots = _indices(sent, "held_at", q.device), _indices(got, "slot", q.device)
     widths = [x.shape[2] * x.shape[3] for x in (q, k, v)]
     tokens = torch.cat([x.flatten(2) for x in (q, k, v)], dim=2).flatten(0, 1)  # (b*L, F)
