@@ -111,6 +111,11 @@ def check_options(
     check_head_shift(head_shift)
     choice("backend", backend, BACKENDS)
     check_selection(select_top_k, select_block_size, causal)
+    if backend == "triton" and select_top_k:
+        raise ValueError(
+            "select_top_k > 0 (the content-selected pattern) is not built for backend='triton'; "
+            "use backend='auto'"
+        )
     return patterns
 
 
@@ -248,8 +253,9 @@ def dilated_attention(
     attention), in any memory layout. Pattern i cuts the sequence into segments of
     segment_lengths[i] tokens (the last may be shorter) and keeps every dilation_rates[i]-th
     position of each, at offset (head + head_shift) mod r (head_shift = 0 is the paper).
-    Returns (b, n, h, d) in q's dtype. backend: "auto", "fused" (torch's fused kernels) or
-    "math" (see kernels.py).
+    Returns (b, n, h, d) in q's dtype. backend: "auto", "fused" (torch's fused kernels),
+    "math" (see kernels.py) or "triton" (longnet/triton_attention.py: CUDA, or CPU under
+    TRITON_INTERPRET=1; without select_top_k and documents).
 
     select_top_k > 0 adds the content-selected pattern (longnet/selection.py, causal only): each
     query also attends the select_top_k complete blocks of select_block_size tokens before its
@@ -312,8 +318,19 @@ def attend(
     construction): no argument check here, since a model runs it in every layer on every step.
     patterns as check_patterns returns them; scale a float; documents as check_documents
     returns them."""
-    lengths, rates = (list(values) for values in zip(*patterns, strict=True))
     kernel = kernel_for(backend, q, causal)
+    if kernel == "triton":
+        from longnet import triton_attention  # imported by kernel_for already
+
+        if documents is not None:
+            raise ValueError(
+                "documents (cu_seqlens or attention_mask) are not built for backend='triton'; "
+                "use backend='auto'"
+            )
+        return triton_attention.dilated_attention(
+            q, k, v, patterns, causal=causal, scale=scale, head_shift=head_shift
+        )
+    lengths, rates = (list(values) for values in zip(*patterns, strict=True))
 
     def attend_rows(q, k, v):
         out, _ = _attention_op(

@@ -18,6 +18,11 @@ Backends:
 - "math": plain matmuls and softmax on any device and dtype; quadratic memory per call, the
   fallback and the thing tests compare the fused path against.
 - "auto": "fused" where it can run, else "math".
+- "triton": dilated attention's own Triton kernels (longnet/triton_attention.py, imported only
+  when asked for: triton is an optional extra), on CUDA, or on CPU under Triton's interpreter.
+  Only the single-device op runs them (longnet.dilated.attend); the dense calls that other paths
+  make with it (decoding, sequence-parallel exchanges) run the "auto" kernel. "auto" never picks
+  it.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "fused", "math")
+BACKENDS = ("auto", "fused", "math", "triton")
 
 _aten = torch.ops.aten
 # The memory-efficient CUDA kernel pads its log-sum-exp along the query axis to this multiple.
@@ -51,11 +56,21 @@ def _cuda_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
 def resolve_backend(
     backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
 ) -> str:
-    """The kernel that runs: "cpu_flash", "flash", "efficient" or "math"."""
+    """The kernel that runs: "cpu_flash", "flash", "efficient", "math" or "triton"."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "math":
         return "math"
+    if backend == "triton":
+        try:
+            from longnet import triton_attention  # imports triton: only when asked for
+        except ImportError as error:
+            raise ValueError(
+                f"backend='triton' needs the triton package (pip install 'longnet[triton]'); "
+                f"importing it failed: {error}"
+            ) from error
+        triton_attention.check_device(q)
+        return "triton"
     if q.device.type == "cpu":
         fused = "cpu_flash"
     elif q.device.type == "cuda":
@@ -202,6 +217,8 @@ def mark_nan_readers(out, lse, q, readers=None) -> None:
 def attention_forward(q, k, v, *, causal: bool, scale: float, kernel: str, mask=None):
     """(out in q's dtype, lse in accumulation dtype) for one dense attention; mask (b, h, n, s),
     0 or -inf in q's dtype, is added to the scaled scores (MASKED_KERNELS only)."""
+    if kernel == "triton":  # a dense call of decoding or an exchange: torch's kernels
+        kernel = resolve_backend("auto", q, k, v, causal)
     if kernel != "math":
         q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)
         arguments = forward_arguments(kernel, q, k, v, causal=causal, scale=scale)
@@ -222,6 +239,8 @@ def attention_backward(
 ):
     """(dq, dk, dv) of one dense attention, with the softmax taken from the given out and lse
     (and mask, as in attention_forward)."""
+    if kernel == "triton":
+        kernel = resolve_backend("auto", q, k, v, causal)
     if kernel != "math":
         grad_out, q, k, v, out = map(unit_stride, (grad_out, q, k, v, out))
         arguments = backward_arguments(
