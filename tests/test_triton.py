@@ -2,10 +2,13 @@
 
 The kernels run on CPU tensors under Triton's interpreter: TRITON_INTERPRET=1 must be in the
 environment when longnet.triton_attention is first imported (triton.jit reads it when it
-decorates a kernel), so this module sets it before that import, unless the caller set it. It
-stays set for the rest of the session: only triton.jit reads it, and no other test module imports
-triton's kernels (torch's Triton paths are CUDA-only). With TRITON_INTERPRET=0 on a machine with
-a GPU the same tests run the compiled kernels on CUDA.
+decorates a kernel), so this module sets it before that import, unless the caller set it.
+pytest imports every test module before it runs any test, so the variable is set for the whole
+session. It is not restored after the import: the interpreter reads it again while kernels run
+(triton's constexpr functions). Its only readers are triton itself and torch's Triton paths
+(CUDA only: torch.compile on CPU generates C++), and no other test module defines Triton
+kernels. With TRITON_INTERPRET=0 on a machine with a GPU the same tests run the compiled
+kernels on CUDA.
 
 Shapes are small: the interpreter runs each program in Python (about 10 ms each), so the whole
 file stays well under a minute on one CPU thread.
