@@ -58,6 +58,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--non-causal", action="store_true")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--backend", default="auto", help="dilated_attention's backend (auto, fused, math, triton)"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (best is kept)")
     parser.add_argument(
         "--time-budget",
@@ -177,8 +180,9 @@ def make_cases(args, seq_len: int, dense: bool) -> dict[str, Timed]:
 
         def attend():
             return dilated_attention(
-                q, k, v, args.segment_lengths, args.dilation_rates, causal=causal
-            )
+                q, k, v, args.segment_lengths, args.dilation_rates, causal=causal,
+                backend=args.backend,
+            )  # fmt: skip
 
     def forward():
         with torch.no_grad():
@@ -222,7 +226,8 @@ def label(args) -> str:
         device = torch.cuda.get_device_name(torch.device(args.device))
     else:
         device = f"{args.device} ({torch.get_num_threads()} threads)"
-    return f"{device}, {args.dtype}, {args.heads}x{args.head_dim}"
+    backend = "" if args.backend == "auto" else f", backend {args.backend}"
+    return f"{device}, {args.dtype}, {args.heads}x{args.head_dim}{backend}"
 
 
 def measure(args, seq_len: int, dense: bool) -> dict[str, Timed] | None:

@@ -104,40 +104,23 @@ done
 step 120 "$PYTHON" benchmarks/lm_throughput.py --device cuda --dtype bfloat16 \
     --preset longnet-125m --seq-len 32768 --time-budget 60 --json "$RESULTS/lm_throughput.json"
 
-# backend="triton": benchmarks/attention.py with dilated_attention bound to it (each kernel
-# variant compiles on the first length, cached for the second run); its JSON says so.
+# backend="triton" (each kernel variant compiles on the first length, cached after).
 triton_runs=()
 for run in "8 40 80" "12 30 70"; do
     read -r heads budget limit <<<"$run"
     json=$RESULTS/attention-triton-cuda-${heads}x64.json
-    triton_runs+=("$json")
     plot=()
     [ "$heads" = 8 ] && [ -f "${attention[0]}" ] \
         && plot=(--plot "$RESULTS/attention-triton.png" --plot-with "${attention[0]}")
-    step "$limit" "$PYTHON" - --device cuda --dtype bfloat16 --heads "$heads" --head-dim 64 \
-        --seq-lens "$SEQ_LENS" --repeats 2 --time-budget 10 --dense-time-limit 4 \
-        --total-budget "$budget" --json "$json" "${plot[@]}" <<'EOF'
-import functools
-import sys
-
-sys.path.insert(0, "benchmarks")
-import attention  # noqa: E402
-
-from longnet import dilated_attention  # noqa: E402
-
-parse_args, label = attention.parse_args, attention.label
-attention.dilated_attention = functools.partial(dilated_attention, backend="triton")
-attention.parse_args = lambda: setattr(args := parse_args(), "backend", "triton") or args
-attention.label = lambda args: f"{label(args)}, backend triton"
-attention.main()
-EOF
+    step "$limit" "$PYTHON" benchmarks/attention.py --backend triton --device cuda \
+        --dtype bfloat16 --heads "$heads" --head-dim 64 --seq-lens "$SEQ_LENS" --repeats 2 \
+        --time-budget 10 --dense-time-limit 4 --total-budget "$budget" --json "$json" "${plot[@]}"
+    [ -f "$json" ] && triton_runs+=("$json")
 done
 
 "$PYTHON" benchmarks/gpu_report.py --tests-log "$RESULTS/tests.log" --tests-status "$tests_status" \
-    --attention "${attention[@]}" --lm "$RESULTS/lm_throughput.json" --json "$RESULTS/report.json"
-for json in "${triton_runs[@]}"; do
-    [ -f "$json" ] || echo "backend=triton: $json missing (failed or out of time)"
-done
+    --attention "${attention[@]}" "${triton_runs[@]}" --lm "$RESULTS/lm_throughput.json" \
+    --json "$RESULTS/report.json"
 echo "results in $RESULTS ($((SECONDS - START)) s)"
 [ "$tests_status" -eq 0 ] && [ -f "$RESULTS/lm_throughput.json" ] \
     && [ -f "${attention[0]}" ] && [ -f "${attention[1]}" ]

@@ -45,7 +45,9 @@ def attention_rows(path: Path, result: dict | None) -> list[list[str]]:
     if result is None:
         return [[f"attention ({path.name})", "-", "missing: failed or out of time", "", ""]]
     config = result["config"]
+    backend = config.get("backend", "auto")
     name = f"attention {config['heads']}x{config['head_dim']} fwd+bwd"
+    name += "" if backend == "auto" else f", backend {backend}"
     rows = []
     for row in result["rows"]:
         cells = []
