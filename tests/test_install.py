@@ -102,6 +102,7 @@ def test_wheel_ships_packages_configs_and_extras(tmp_path):
     assert extra("cpu") == {"torch==2.13.0"}
     assert "transformers" in extra("hf") and extra("hub") <= extra("hf")
     assert {"lm_eval", "accelerate", "transformers"} <= extra("eval")
+    assert "triton" in extra("triton")
 
 
 @pytest.mark.parametrize(
