@@ -130,7 +130,7 @@ def exported(tmp_path_factory):
 
 def test_auto_model_loads_an_exported_folder(exported, tmp_path):
     """AutoModelForCausalLM gives LongNetForCausalLM with LongNetLM's state dict and logits;
-    its own save loads back into LongNetLM; dtype is honoured."""
+    its own save loads back into LongNetLM; dtype and device_map are honoured."""
     model, folder = exported
     loaded = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
     assert isinstance(loaded, longnet_hf.LongNetForCausalLM)
@@ -144,6 +144,9 @@ def test_auto_model_loads_an_exported_folder(exported, tmp_path):
         assert torch.equal(LongNetLM.from_pretrained(tmp_path)(tokens).logits, model(tokens).logits)
     half = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
     assert half.embed.weight.dtype == torch.bfloat16
+    placed = transformers.AutoModelForCausalLM.from_pretrained(folder, device_map="auto").eval()
+    with torch.no_grad():  # accelerate's placement: the same logits
+        assert torch.equal(placed(tokens.to(placed.device)).logits.cpu(), model(tokens).logits)
 
 
 def test_transformers_conventions(exported):
