@@ -53,6 +53,11 @@ class BlockConfig:
     # highest against it, mixed with the dilated patterns by Eq. 10. 0 is the paper.
     select_top_k: int = 0
     select_block_size: int = 32
+    # Memory for long sequences (docs/capacity.md). ffn_tile_tokens > 0 runs each block's FFN
+    # and its norm over tiles of that many tokens, keeping only its input for backward
+    # (longnet.layers.sequence_tiled): no (tokens, ffn_dim) tensor beyond one tile's; the same
+    # result.
+    ffn_tile_tokens: int = 0
 
     def __post_init__(self):
         for name in ("d_model", "num_layers", "num_heads"):
@@ -79,6 +84,7 @@ class BlockConfig:
         self.select_block_size = positive_int("select_block_size", self.select_block_size)
         for name in ("qk_norm", "bias", "activation_checkpointing", "shift_heads_by_layer"):
             flag(name, getattr(self, name))
+        self.ffn_tile_tokens = int_at_least("ffn_tile_tokens", self.ffn_tile_tokens, 0)
         choice("activation", self.activation, ACTIVATIONS)
         choice("backend", self.backend, BACKENDS)
         dropout = self.dropout

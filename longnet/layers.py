@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 from einops import rearrange
 from torch import nn
+from torch.utils.checkpoint import get_device_states, set_device_states
 
 from longnet import varlen
 from longnet.dilated import (
@@ -202,3 +203,79 @@ class DilatedAttention(nn.Module):
         documents = check_documents(x.shape, cu_seqlens, attention_mask)
         out = self.attend(*self.project(x), documents)
         return self.dropout(self.out_proj(rearrange(out, "b n h d -> b n (h d)")))
+
+
+class _SequenceTiled(torch.autograd.Function):
+    """fn over the tokens of x, tile_tokens at a time, saving x alone: see sequence_tiled."""
+
+    @staticmethod
+    def forward(ctx, fn, tile_tokens, preserve_rng_state, x, *params):
+        ctx.fn, ctx.tile_tokens, ctx.rng = fn, tile_tokens, None
+        if preserve_rng_state:  # each tile's dropout mask drawn again in backward
+            devices = get_device_states(x) if x.device.type != "cpu" else ([], [])
+            ctx.rng = (torch.get_rng_state(), x.device.type, *devices)
+        ctx.save_for_backward(x, *params)
+        flat = x.detach().reshape(-1, x.shape[-1])  # (t, D): every row's tokens, in order
+        out = fn(flat) if not len(flat) else None  # no tokens: no tile
+        for start in range(0, flat.shape[0], tile_tokens):
+            part = fn(flat[start : start + tile_tokens])  # (tile, D_out)
+            if out is None:
+                out = part.new_empty(flat.shape[0], part.shape[-1])
+            out[start : start + tile_tokens] = part
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, *params = ctx.saved_tensors
+        if ctx.rng is None:
+            return _SequenceTiled._tiles_backward(ctx, grad, x, params)
+        cpu_state, device_type, devices, states = ctx.rng
+        with torch.random.fork_rng(devices, device_type=device_type):
+            torch.set_rng_state(cpu_state)
+            set_device_states(devices, states, device_type=device_type)
+            return _SequenceTiled._tiles_backward(ctx, grad, x, params)
+
+    @staticmethod
+    def _tiles_backward(ctx, grad, x, params):
+        need_x, *need_params = ctx.needs_input_grad[3:]
+        flat, grad = x.detach().reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
+        grad_x = torch.empty_like(flat) if need_x else None
+        wanted = [p for p, need in zip(params, need_params, strict=True) if need]
+        sums: list[torch.Tensor | None] = [None] * len(wanted)
+        for start in range(0, flat.shape[0], ctx.tile_tokens):
+            end = start + ctx.tile_tokens
+            part = flat[start:end].detach().requires_grad_(need_x)
+            with torch.enable_grad():
+                out = ctx.fn(part)
+            inputs = [part] * need_x + wanted
+            grads = torch.autograd.grad(out, inputs, grad[start:end], allow_unused=True)
+            if need_x:
+                grad_x[start:end] = grads[0]
+            for i, g in enumerate(grads[need_x:]):
+                if g is not None:
+                    sums[i] = g if sums[i] is None else sums[i].add_(g)
+        grads = iter(sums)
+        params_grads = [next(grads) if need else None for need in need_params]
+        grad_x = None if grad_x is None else grad_x.view_as(x)
+        return None, None, None, grad_x, *params_grads
+
+
+def sequence_tiled(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    tile_tokens: int,
+    params: Sequence[torch.Tensor],
+    preserve_rng_state: bool = False,
+) -> torch.Tensor:
+    """fn(x) computed tile_tokens tokens at a time: x (..., D) -> (..., D_out).
+
+    fn must treat each token alone (a feed-forward sublayer and its norms) and use no trainable
+    tensors but `params`. Forward keeps only x; backward recomputes each tile and its gradients
+    (ALST's TiledMLP, Bekman et al. 2025, arXiv 2506.13996): no (tokens, hidden) tensor of fn is
+    alive beyond one tile's, in forward or backward. The result and the gradients are fn's
+    own up to the order of the parameter gradients' sums over tiles. preserve_rng_state draws
+    the same random numbers (dropout) again in backward, as torch.utils.checkpoint does.
+    """
+    if tile_tokens < 1:
+        raise ValueError(f"tile_tokens must be an int >= 1, got {tile_tokens!r}")
+    return _SequenceTiled.apply(fn, tile_tokens, preserve_rng_state, x, *params)

@@ -32,7 +32,7 @@ from longnet.config import BlockConfig, LongNetConfig
 from longnet.dilated import check_documents, dilated_attention
 from longnet.generation import KVCache, LayerCache, check_sampling, decode_attention, sample_next
 from longnet.kernels import accumulation_dtype, reads_values_on_host
-from longnet.layers import AttentionFn, DilatedAttention, MagnetoLinear
+from longnet.layers import AttentionFn, DilatedAttention, MagnetoLinear, sequence_tiled
 from longnet.positions import fold, make_positions, relative_positions
 
 IGNORE_INDEX = -100
@@ -157,6 +157,7 @@ class TransformerBlock(nn.Module):
         self.attn = SelfAttention(config, causal, attention_fn, positions, layer, gain)
         self.ffn_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.ffn = FeedForward(config, gain)
+        self.ffn_tile_tokens = config.ffn_tile_tokens
 
     def forward(
         self,
@@ -166,7 +167,14 @@ class TransformerBlock(nn.Module):
         documents: varlen.Documents | None = None,
     ) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), encoding, cache, documents)
-        return x + self.ffn(self.ffn_norm(x))
+        if not self.ffn_tile_tokens:
+            return x + self.ffn(self.ffn_norm(x))
+        params = [*self.ffn_norm.parameters(), *self.ffn.parameters()]
+        dropout = self.training and self.ffn.dropout.p > 0
+        return x + sequence_tiled(self._feed_forward, x, self.ffn_tile_tokens, params, dropout)
+
+    def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ffn(self.ffn_norm(x))
 
 
 class TransformerStack(nn.ModuleList):
