@@ -56,8 +56,10 @@ class BlockConfig:
     # Memory for long sequences (docs/capacity.md). ffn_tile_tokens > 0 runs each block's FFN
     # and its norm over tiles of that many tokens, keeping only its input for backward
     # (longnet.layers.sequence_tiled): no (tokens, ffn_dim) tensor beyond one tile's; the same
-    # result.
+    # result. offload_checkpoints keeps the checkpointed blocks' inputs in host memory between
+    # forward and backward (longnet.layers.saved_on_host); it needs activation_checkpointing.
     ffn_tile_tokens: int = 0
+    offload_checkpoints: bool = False
 
     def __post_init__(self):
         for name in ("d_model", "num_layers", "num_heads"):
@@ -82,9 +84,15 @@ class BlockConfig:
         self.dilation_rates = tuple(r for _, r in patterns)
         self.select_top_k = int_at_least("select_top_k", self.select_top_k, 0)
         self.select_block_size = positive_int("select_block_size", self.select_block_size)
-        for name in ("qk_norm", "bias", "activation_checkpointing", "shift_heads_by_layer"):
+        flags = ("qk_norm", "bias", "activation_checkpointing", "shift_heads_by_layer")
+        for name in (*flags, "offload_checkpoints"):
             flag(name, getattr(self, name))
         self.ffn_tile_tokens = int_at_least("ffn_tile_tokens", self.ffn_tile_tokens, 0)
+        if self.offload_checkpoints and not self.activation_checkpointing:
+            raise ValueError(
+                "offload_checkpoints=True moves the checkpointed blocks' inputs to host memory: "
+                "it needs activation_checkpointing=True"
+            )
         choice("activation", self.activation, ACTIVATIONS)
         choice("backend", self.backend, BACKENDS)
         dropout = self.dropout

@@ -279,3 +279,11 @@ def sequence_tiled(
     if tile_tokens < 1:
         raise ValueError(f"tile_tokens must be an int >= 1, got {tile_tokens!r}")
     return _SequenceTiled.apply(fn, tile_tokens, preserve_rng_state, x, *params)
+
+
+def saved_on_host(device: torch.device):
+    """Context in which the tensors autograd saves live in host memory until backward needs
+    them: torch.autograd.graph.save_on_cpu, pinned on CUDA (the copies run asynchronously).
+    The model wraps the checkpointed block calls in it, so only their inputs move (ALST's
+    activation checkpoint offload); inside a block, the checkpoint's own hooks take over."""
+    return torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")

@@ -14,6 +14,7 @@ one more LayerNorm before its output projection:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import math
@@ -32,7 +33,13 @@ from longnet.config import BlockConfig, LongNetConfig
 from longnet.dilated import check_documents, dilated_attention
 from longnet.generation import KVCache, LayerCache, check_sampling, decode_attention, sample_next
 from longnet.kernels import accumulation_dtype, reads_values_on_host
-from longnet.layers import AttentionFn, DilatedAttention, MagnetoLinear, sequence_tiled
+from longnet.layers import (
+    AttentionFn,
+    DilatedAttention,
+    MagnetoLinear,
+    saved_on_host,
+    sequence_tiled,
+)
 from longnet.positions import fold, make_positions, relative_positions
 
 IGNORE_INDEX = -100
@@ -188,6 +195,7 @@ class TransformerStack(nn.ModuleList):
             for layer in range(config.num_layers)
         )
         self.checkpointing = config.activation_checkpointing
+        self.offload = config.offload_checkpoints  # the checkpointed inputs kept on the host
 
     def forward(
         self,
@@ -200,7 +208,8 @@ class TransformerStack(nn.ModuleList):
             if cache is not None:
                 x = block(x, encoding, cache.layers[i], documents)
             elif self.checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, encoding, None, documents, use_reentrant=False)
+                with saved_on_host(x.device) if self.offload else contextlib.nullcontext():
+                    x = checkpoint(block, x, encoding, None, documents, use_reentrant=False)
             else:
                 x = block(x, encoding, None, documents)
         return x

@@ -1,6 +1,7 @@
 """Memory options of the blocks (docs/capacity.md): the FFN over token tiles
-(longnet.layers.sequence_tiled, config ffn_tile_tokens). It leaves the numbers as they are:
-float64 outputs and gradients equal the plain model's to 1e-12."""
+(longnet.layers.sequence_tiled, config ffn_tile_tokens) and the checkpointed blocks' inputs in
+host memory (longnet.layers.saved_on_host, config offload_checkpoints). Both leave the numbers
+as they are: float64 outputs and gradients equal the plain model's to 1e-12."""
 
 from __future__ import annotations
 
@@ -167,12 +168,57 @@ def test_tiles_compile():
         torch.testing.assert_close(got, expected, **TOL)
 
 
-def test_the_tiled_step_has_no_host_sync(monkeypatch):
+class _Recorded(torch.autograd.graph.saved_tensors_hooks):
+    """saved_on_host's stand-in: records what it packs, keeps it as it is."""
+
+    def __init__(self):
+        self.packed = []
+        super().__init__(self._pack, lambda t: t)
+
+    def _pack(self, tensor):
+        self.packed.append(tuple(tensor.shape))
+        return tensor
+
+
+def test_offload_moves_the_block_inputs_only_and_keeps_the_gradients(monkeypatch):
+    """offload_checkpoints: the tensors saved in the offload context are the blocks' inputs,
+    one (b, n, D) per block (the encodings and the block's own tensors stay with the
+    checkpoint); the gradients equal the run without it (through torch's save_on_cpu, which
+    on CPU keeps the tensor: tests/test_capacity.py runs the offload as on an accelerator)."""
+    config = small_config(activation_checkpointing=True, ffn_tile_tokens=16)
+    plain, offloaded = twins(config, offload_checkpoints=True)
+    tokens = tokens_for(config)
+    loss, grads = step(plain, tokens)
+    recorded = _Recorded()
+    with monkeypatch.context() as patch:
+        patch.setattr(model, "saved_on_host", lambda device: recorded)
+        runs = [step(offloaded, tokens)]
+    assert recorded.packed == [(2, N, 32)] * config.num_layers
+    runs.append(step(offloaded, tokens))  # torch.autograd.graph.save_on_cpu (a copy on CPU)
+    for got_loss, got in runs:
+        torch.testing.assert_close(got_loss, loss, **TOL)
+        for name, g in grads.items():
+            torch.testing.assert_close(got[name], g, **TOL, msg=name)
+
+
+def test_saved_on_host_pins_on_cuda_only(monkeypatch):
+    seen = []
+    monkeypatch.setattr(
+        torch.autograd.graph, "save_on_cpu", lambda pin_memory: seen.append(pin_memory)
+    )
+    layers.saved_on_host(torch.device("cpu"))
+    layers.saved_on_host(torch.device("cuda", 0))
+    assert seen == [False, True]
+
+
+def test_the_step_with_both_options_has_no_host_sync(monkeypatch):
     """As tests/test_sync_free.py: under FakeTensorMode with the accelerator's policy, any
     data-dependent operation would raise."""
     for module in (engine, model, selection):
         monkeypatch.setattr(module, "reads_values_on_host", lambda device: False)
-    config = small_config(activation_checkpointing=True, ffn_tile_tokens=7)
+    config = small_config(
+        activation_checkpointing=True, ffn_tile_tokens=7, offload_checkpoints=True
+    )
     with FakeTensorMode():
         lm = LongNetLM(config).train()
         tokens = torch.randint(0, 40, (2, 64))
@@ -186,6 +232,8 @@ def test_the_tiled_step_has_no_host_sync(monkeypatch):
         (dict(ffn_tile_tokens=-1), "-1"),
         (dict(ffn_tile_tokens=2.5), "2.5"),
         (dict(ffn_tile_tokens=True), "True"),
+        (dict(offload_checkpoints=1, activation_checkpointing=True), "1"),
+        (dict(offload_checkpoints=True), "activation_checkpointing"),
     ],
 )
 def test_bad_options_name_the_value(overrides, named):
