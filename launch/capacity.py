@@ -15,6 +15,10 @@ Per rank, at the step's peak (docs/capacity.md says what each number counts):
   attention         compute. A rank of a sequence-parallel group runs its shard of seq_len / sp
   workspace         tokens through the one-device model (the SP op's local work has its shapes)
   exchange buffers  the all-to-all of sparse K/V, from the planner's send and receive counts
+  host memory       (not in the peak) what offload_checkpoints keeps in host memory: the
+                    checkpointed blocks' inputs, copied out of the tracked device memory
+The model's memory options count as set in its config or by --ffn-tile-tokens N (the FFN over
+token tiles) and --offload-checkpoints (the checkpointed blocks' inputs in host memory).
 """
 
 from __future__ import annotations
@@ -25,13 +29,14 @@ import json
 import math
 import re
 import sys
+import weakref
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from longnet import LongNetConfig, LongNetLM, dilated
 from longnet.cost import pairs_per_token
@@ -50,6 +55,8 @@ UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 UNITS |= {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
 # The modules that decide the host-read question by name (engine may not import it).
 HOST_READERS = ("longnet.kernels", "longnet.model", "longnet.selection", "longnet.engine")
+# The modules that take the model's offload context (longnet.layers.saved_on_host) by name.
+OFFLOADERS = ("longnet.layers", "longnet.model")
 
 
 @dataclass
@@ -201,6 +208,47 @@ def accelerator_path():
             module.reads_values_on_host = original
 
 
+class _HostCopies(torch.autograd.graph.saved_tensors_hooks):
+    """saved_on_host as an accelerator runs it, on any device: each saved tensor is copied
+    outside the tracker (host memory, counted here) and the tracked one is dropped; backward
+    gets a new tracked copy (save_on_cpu's copy back to the device). On a CPU, save_on_cpu
+    itself would keep the tensor where it is, in the memory the tracker counts."""
+
+    def __init__(self):
+        self.bytes = self.peak = 0
+
+        def pack(tensor):
+            with _disable_current_modes():  # neither the tracker nor a dispatch mode sees it
+                copy = tensor.detach().clone()
+            self.bytes += copy.nbytes
+            self.peak = max(self.peak, self.bytes)
+            weakref.finalize(copy, self._release, copy.nbytes)
+            return tensor.device, copy
+
+        def unpack(packed):
+            device, copy = packed
+            return copy.to(device, copy=True)
+
+        super().__init__(pack, unpack)
+
+    def _release(self, nbytes: int) -> None:
+        self.bytes -= nbytes
+
+
+@contextlib.contextmanager
+def host_offload(hooks: _HostCopies):
+    """The model's saved_on_host (offload_checkpoints) runs `hooks` during the step."""
+    modules = [sys.modules.get(name) for name in OFFLOADERS]
+    saved = [(m, m.saved_on_host) for m in modules if hasattr(m, "saved_on_host")]
+    for module, _ in saved:
+        module.saved_on_host = lambda device: hooks
+    try:
+        yield
+    finally:
+        for module, original in saved:
+            module.saved_on_host = original
+
+
 class _Tracker(MemTracker):
     """MemTracker keeping the device-wide peak only (its per-module peaks cost half the run), and
     the snapshot at the start of the attention call in progress at the peak."""
@@ -279,14 +327,22 @@ def tracked_step(model, tokens: int, batch: int, tracker: _Tracker, optimizer=No
             optimizer.step()
 
 
-def _split(tracker: _Tracker) -> dict:
-    """The peak's bytes beyond the model states: activations, temporaries, attention workspace."""
-    peak = next(iter(tracker.get_tracker_snapshot("peak").values()))
+def _device_peak(tracker: _Tracker) -> dict:
+    """The peak snapshot of the device the step runs on (CPU here: fake or real)."""
+    return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
+
+
+def _split(tracker: _Tracker, grads: int) -> dict:
+    """The peak's bytes beyond the model states: activations, temporaries, attention workspace.
+    Gradients beyond the model's own (`grads` bytes, counted with the model states) are
+    temporaries: the tiled FFN's sums over its tiles (longnet.layers.sequence_tiled)."""
+    peak = _device_peak(tracker)
     start = tracker.peak_attention_start
     grown = {k: peak[k] - (start or peak)[k] for k in (_MemRefType.ACT, _MemRefType.TEMP)}
+    extra_grads = peak[_MemRefType.GRAD] - grads
     return dict(
         activations=peak[_MemRefType.ACT] - grown[_MemRefType.ACT],
-        temporaries=peak[_MemRefType.TEMP] - grown[_MemRefType.TEMP],
+        temporaries=peak[_MemRefType.TEMP] - grown[_MemRefType.TEMP] + extra_grads,
         attention_workspace=sum(grown.values()),
     )
 
@@ -295,16 +351,18 @@ _runs: dict = {}
 
 
 def fake_step(config: LongNetConfig, tokens: int, batch: int, dtype: str) -> dict:
-    """{activations, temporaries, attention_workspace, host_reads} of the peak of one micro-batch
-    of `tokens` tokens per row, from the real step under FakeTensorMode (cached)."""
+    """{activations, temporaries, attention_workspace, host_offload, host_reads} of the peak of
+    one micro-batch of `tokens` tokens per row, from the real step under FakeTensorMode (cached);
+    host_offload: the peak of what offload_checkpoints keeps in host memory."""
     key = (repr(config), tokens, batch, dtype)
     if key not in _runs:
-        tracker, reads = _Tracker(), _NoHostReads()
-        with accelerator_path(), FakeTensorMode(), reads:
+        tracker, reads, host = _Tracker(), _NoHostReads(), _HostCopies()
+        with accelerator_path(), host_offload(host), FakeTensorMode(), reads:
             model = _build(config, DTYPES[dtype])
             tracker.track_external(model)
             tracked_step(model, tokens, batch, tracker)
-        _runs[key] = _split(tracker) | dict(host_reads=reads.reads)
+            grads = sum(p.grad.nbytes for p in model.parameters())
+        _runs[key] = _split(tracker, grads) | dict(host_offload=host.peak, host_reads=reads.reads)
     return _runs[key]
 
 
@@ -315,7 +373,8 @@ def step_memory(config: LongNetConfig, tokens: int, batch: int, dtype: str) -> d
     low, high = EXACT_TOKENS // 2, EXACT_TOKENS
     a, b = fake_step(config, low, batch, dtype), fake_step(config, high, batch, dtype)
     scale = (tokens - high) / (high - low)
-    out = {k: int(b[k] + (b[k] - a[k]) * scale) for k in ("activations", "temporaries")}
+    linear = ("activations", "temporaries", "host_offload")
+    out = {k: int(b[k] + (b[k] - a[k]) * scale) for k in linear}
     out["attention_workspace"] = int(b["attention_workspace"] * tokens / high)
     return out | dict(host_reads=b["host_reads"], method=f"extrapolated from {low}, {high}")
 
@@ -323,17 +382,19 @@ def step_memory(config: LongNetConfig, tokens: int, batch: int, dtype: str) -> d
 def measured_peak(config: LongNetConfig, tokens: int, batch: int = 1) -> int:
     """The same step for real on CPU (float32, torch's AdamW, no ZeRO): the tracker's peak over
     forward, backward and the optimizer step, after a first step made the optimizer's states
-    (what the estimate with zero=0, dtype fp32 counts)."""
+    (what the estimate with zero=0, dtype fp32 counts). offload_checkpoints runs as on an
+    accelerator (_HostCopies): the offloaded inputs leave the tracked memory."""
     torch.manual_seed(0)
     model = LongNetLM(config)
     optimizer = torch.optim.AdamW(model.parameters(), foreach=False)  # no per-list temporaries
     ids = torch.zeros(batch, tokens, dtype=torch.long)
-    model(ids, labels=ids, return_logits=False).loss.backward()
-    optimizer.step()
-    tracker = _Tracker()
-    tracker.track_external(model, optimizer)
-    tracked_step(model, tokens, batch, tracker, optimizer)
-    return next(iter(tracker.get_tracker_snapshot("peak").values()))[_TOTAL_KEY]
+    with host_offload(_HostCopies()):
+        model(ids, labels=ids, return_logits=False).loss.backward()
+        optimizer.step()
+        tracker = _Tracker()
+        tracker.track_external(model, optimizer)
+        tracked_step(model, tokens, batch, tracker, optimizer)
+    return _device_peak(tracker)[_TOTAL_KEY]
 
 
 # -- exchange and FLOPs ---------------------------------------------------------------------------
@@ -439,16 +500,23 @@ def estimate(step: Step, checkpointing: bool) -> dict:
     buffers, exchanged = exchange_bytes(step, checkpointing)
     memory = states | {k: run[k] for k in ("activations", "temporaries", "attention_workspace")}
     memory["exchange_buffers"] = buffers
-    peak = sum(memory.values())
+    peak = sum(memory.values())  # device memory; the host's is apart
     fits = None if step.device_memory is None else peak <= step.device_memory
     layout = {k: v for k, v in asdict(step).items() if k != "config"}
     return dict(
         model=dict(parameters=params, d_model=c.d_model, layers=c.num_layers),
-        step=layout | dict(shard_len=step.shard, activation_checkpointing=checkpointing),
+        step=layout
+        | dict(
+            shard_len=step.shard,
+            activation_checkpointing=checkpointing,
+            ffn_tile_tokens=c.ffn_tile_tokens,
+            offload_checkpoints=c.offload_checkpoints,
+        ),
         per_rank=dict(
             memory=memory,
             peak=peak,
             fits=fits,
+            host_memory=dict(offloaded_checkpoints=run["host_offload"]),
             exchange_bytes_per_step=exchanged,
             flops_per_step=flops(step, checkpointing),
         ),
@@ -520,11 +588,15 @@ def table(result: dict) -> str:
     lines = [
         f"LongNet {result['model']['parameters'] / 1e6:.0f}M, seq_len {s['seq_len']:,} = sp "
         f"{s['sp']} x {s['shard_len']:,} tokens, dp {s['dp']}, ZeRO-{s['zero']}, {s['dtype']}, "
-        f"micro-batch {s['micro_batch']}, checkpointing {s['activation_checkpointing']}",
+        f"micro-batch {s['micro_batch']}, checkpointing {s['activation_checkpointing']}, FFN "
+        f"tiles {s['ffn_tile_tokens'] or 'off'}, offload {s['offload_checkpoints']}",
         "per rank:",
     ]
     lines += [f"  {k.replace('_', ' '):22s}{gib(v)}" for k, v in r["memory"].items()]
     lines.append(f"  {'peak':22s}{gib(r['peak'])}")
+    host = r["host_memory"]["offloaded_checkpoints"]
+    if host:
+        lines.append(f"  {'host (offloaded)':22s}{gib(host)}  (not in the peak)")
     if s["device_memory"]:
         verdict = "fits" if r["fits"] else "does NOT fit"
         lines.append(f"  {verdict} in {s['device_memory'] / GIB:.1f} GiB")
@@ -567,6 +639,13 @@ def _step_from_args(args) -> tuple[Step, bool]:
     if not step.seq_len and not (args.max_seq_len or args.target_seq_len):
         raise ValueError("give --seq-len, or --max-seq-len or --target-seq-len")
     step.seq_len = step.seq_len or 1
+    if args.ffn_tile_tokens is not None:
+        step.config = replace(step.config, ffn_tile_tokens=args.ffn_tile_tokens)
+    if args.offload_checkpoints:
+        checkpointing = checkpointing or args.activation_checkpointing
+        if not checkpointing:
+            raise ValueError("--offload-checkpoints needs --activation-checkpointing")
+        step.config = replace(step.config, activation_checkpointing=True, offload_checkpoints=True)
     if args.device_memory is not None:
         step.device_memory = parse_bytes(args.device_memory)
     return step, checkpointing or args.activation_checkpointing
@@ -585,6 +664,14 @@ def main(argv=None) -> None:
     parser.add_argument("--micro-batch", type=int, help="sequences per rank per micro-batch")
     parser.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
     parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument(
+        "--ffn-tile-tokens", type=int, help="run each FFN over tiles of N tokens (0: off)"
+    )
+    parser.add_argument(
+        "--offload-checkpoints",
+        action="store_true",
+        help="keep the checkpointed blocks' inputs in host memory",
+    )
     parser.add_argument("--device-memory", help="bytes per device, e.g. 80GiB, 141GB")
     parser.add_argument("--max-seq-len", action="store_true", help="find the longest that fits")
     parser.add_argument("--target-seq-len", help="find the fewest sp ranks that fit it (1e9)")

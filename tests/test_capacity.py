@@ -1,7 +1,10 @@
 """longnet-capacity (launch/capacity.py): the estimate against the same step measured on real
-CPU tensors, its JSON, the searches, a shipped config and bad input."""
+CPU tensors, its JSON, the searches, the shipped configs (every configs/gpu-*.yaml on the
+hardware its comment names) and bad input."""
 
+import contextlib
 import json
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -10,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from longnet import LongNetConfig
+from longnet import LongNetConfig, LongNetLM
 from longnet.launch import capacity
 from longnet.plan import make_plan
 
@@ -26,6 +29,48 @@ def test_estimate_matches_the_measured_step(checkpointing):
     measured = capacity.measured_peak(config, 384)
     assert abs(estimated["per_rank"]["peak"] / measured - 1) < 0.10
     assert estimated["activations_from"] == "fake run"
+
+
+@pytest.mark.parametrize("tile, offload", [(64, False), (100, True), (0, True)])
+def test_estimate_matches_the_measured_step_with_the_memory_options(tile, offload):
+    # The FFN over tiles of 64 / 100 tokens, the blocks' inputs in host memory: both runs
+    # offload as an accelerator does (save_on_cpu keeps a CPU tensor where it is).
+    config = replace(TINY, activation_checkpointing=True, ffn_tile_tokens=tile)
+    config = replace(config, offload_checkpoints=offload)
+    estimated = capacity.estimate(capacity.Step(config, 384, zero=0, dtype="fp32"), True)
+    measured = capacity.measured_peak(config, 384)
+    assert abs(estimated["per_rank"]["peak"] / measured - 1) < 0.10
+    # what moves: every block's input, (b, n, D) in the training dtype
+    host = estimated["per_rank"]["host_memory"]["offloaded_checkpoints"]
+    assert host == (TINY.num_layers * 384 * TINY.d_model * 4 if offload else 0)
+
+
+def test_offloaded_steps_keep_their_gradients():
+    # The estimate's stand-in for save_on_cpu on an accelerator (the saved inputs copied out
+    # of the tracked memory, new tensors in backward) leaves the numbers as they are.
+    config = replace(TINY, activation_checkpointing=True, ffn_tile_tokens=100)
+    ids = torch.randint(0, TINY.vocab_size, (2, 384), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for offload, hooks in ((False, contextlib.nullcontext()), (True, capacity._HostCopies())):
+        torch.manual_seed(0)
+        lm = LongNetLM(replace(config, offload_checkpoints=offload)).double()
+        with capacity.host_offload(hooks) if offload else hooks:
+            lm(ids, labels=ids, return_logits=False).loss.backward()
+        grads.append([p.grad for p in lm.parameters()])
+    assert hooks.peak == TINY.num_layers * 2 * 384 * TINY.d_model * 8 and hooks.bytes == 0
+    for got, expected in zip(*grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
+def test_the_memory_options_shrink_the_step():
+    step = capacity.Step(replace(TINY, activation_checkpointing=True), 2048, zero=0)
+    plain = capacity.estimate(step, True)["per_rank"]["memory"]
+    tiled = replace(step, config=replace(step.config, ffn_tile_tokens=256))
+    both = replace(tiled, config=replace(tiled.config, offload_checkpoints=True))
+    sizes = [
+        sum(capacity.estimate(s, True)["per_rank"]["memory"].values()) for s in (step, tiled, both)
+    ]
+    assert sizes[0] == sum(plain.values()) and sizes[0] > sizes[1] > sizes[2]
 
 
 def test_model_states_follow_deepspeeds_estimators():
@@ -99,6 +144,46 @@ def test_shipped_config(tmp_path):
     assert result["per_rank"]["fits"] is True and "peak" in done.stdout
 
 
+CONFIGS = Path(__file__).parent.parent / "configs"
+# The device memory of a config whose comment names no size: the smallest device these configs
+# are planned for (docs/capacity.md, 80 GB).
+UNNAMED_MEMORY = "80GB"
+
+
+def hardware(path: Path) -> tuple[int, str]:
+    """(devices, memory per device) that a config's header comment names: its launch command's
+    --num_nodes x --num_gpus (1 without --num_gpus), and a size such as '80GB' or '141 GB'."""
+    comment = "\n".join(line for line in path.read_text().splitlines() if line.startswith("#"))
+    gpus = re.search(r"--num_gpus\s+(\d+)", comment)
+    nodes = re.search(r"--num_nodes\s+(\d+)", comment)
+    memory = re.search(r"\b(\d+(?:\.\d+)?)\s*(GB|GiB)\b", comment)
+    devices = (int(gpus[1]) if gpus else 1) * (int(nodes[1]) if nodes else 1)
+    return devices, memory[1] + memory[2] if memory else UNNAMED_MEMORY
+
+
+@pytest.mark.slow  # full-size models: a fake step of ~1 min each on one core
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("gpu-*.yaml")), ids=lambda p: p.name)
+def test_gpu_configs_fit_their_hardware(path, tmp_path):
+    """Each GPU config, launched as its comment says (devices = dp x sp, ZeRO over all of
+    them), fits one of its devices by the estimate."""
+    from longnet.launch.config import load_config
+
+    devices, memory = hardware(path)
+    sp = load_config(path).parallel.sequence_parallel_size
+    assert devices % sp == 0, f"{path.name}: {devices} devices, sp {sp}"
+    out = tmp_path / "out.json"
+    args = ["--config", str(path), "--dp", str(devices // sp), "--device-memory", memory]
+    capacity.main([*args, "--json", str(out)])
+    rank = json.loads(out.read_text())["per_rank"]
+    assert rank["fits"], f"{path.name}: {rank['peak'] / 2**30:.1f} GiB on {memory}"
+
+
+def test_offload_needs_checkpointing(capsys):
+    with pytest.raises(SystemExit):
+        capacity.main(["--preset", "longnet-tiny", "--seq-len", "512", "--offload-checkpoints"])
+    assert "--activation-checkpointing" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "args, named",
     [
@@ -107,6 +192,7 @@ def test_shipped_config(tmp_path):
         (["--preset", "longnet-tiny", "--seq-len", "512", "--device-memory", "80 parsecs"], "80"),
         (["--preset", "longnet-tiny", "--seq-len", "-512"], "-512"),
         (["--preset", "longnet-tiny", "--seq-len", "512", "--sp", "-2"], "-2"),
+        (["--preset", "longnet-tiny", "--seq-len", "512", "--ffn-tile-tokens", "-3"], "-3"),
     ],
 )
 def test_bad_input_is_one_line(args, named, capsys):
