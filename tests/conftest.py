@@ -8,11 +8,17 @@ same (dtype-rounded) input values.
 from __future__ import annotations
 
 import math
+import os
 
-import pytest
-import torch
+# Triton's interpreter for tests/test_triton.py (CPU tensors), unless the caller chose: it must be
+# set before anything imports triton (transformers and deepspeed do, at import), since triton.jit
+# and triton.language read it then; only triton reads it (torch.compile on CPU writes C++).
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from longnet.reference import dense_dilated_attention, multiplicity
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from longnet.reference import dense_dilated_attention, multiplicity  # noqa: E402
 
 # Error bounds relative to the largest magnitude of the expected tensor (see max_error). Measured
 # worst cases over tests/test_dilated_attention.py::CASES (outputs and q/k/v gradients, both

@@ -1,36 +1,29 @@
 """backend="triton" (longnet/triton_attention.py) against the dense float64 reference.
 
 The kernels run on CPU tensors under Triton's interpreter: TRITON_INTERPRET=1 must be in the
-environment when longnet.triton_attention is first imported (triton.jit reads it when it
-decorates a kernel), so this module sets it before that import, unless the caller set it.
-pytest imports every test module before it runs any test, so the variable is set for the whole
-session. It is not restored after the import: the interpreter reads it again while kernels run
-(triton's constexpr functions). Its only readers are triton itself and torch's Triton paths
-(CUDA only: torch.compile on CPU generates C++), and no other test module defines Triton
-kernels. With TRITON_INTERPRET=0 on a machine with a GPU the same tests run the compiled
-kernels on CUDA.
+environment before triton is first imported (triton.jit and triton.language read it then; other
+test modules import transformers and deepspeed, which import triton), so tests/conftest.py sets
+it, unless the caller set it, before any test module is imported. With TRITON_INTERPRET=0 on a
+machine with a GPU the same tests run the compiled kernels on CUDA.
 
 Shapes are small: the interpreter runs each program in Python (about 10 ms each), so the whole
 file stays well under a minute on one CPU thread.
 """
 
+import math
 import os
+import random
+import subprocess
+import sys
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
+from conftest import max_error, randn
 
-import math  # noqa: E402
-import random  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from conftest import max_error, randn  # noqa: E402
-
-from longnet import DilatedAttention, dilated_attention  # noqa: E402
-from longnet import triton_attention as ta  # noqa: E402
-from longnet.kernels import resolve_backend  # noqa: E402
-from longnet.reference import dense_dilated_attention  # noqa: E402
+from longnet import DilatedAttention, dilated_attention
+from longnet import triton_attention as ta
+from longnet.kernels import resolve_backend
+from longnet.reference import dense_dilated_attention
 
 if ta.INTERPRETED:
     DEVICE = "cpu"
