@@ -28,7 +28,7 @@ class BlockConfig:
 
     num_kv_heads None means num_heads (multi-head); 1 is multi-query attention. ffn_dim None means
     4 * d_model (for SwiGLU too: the gate doubles fc1's width). dropout applies to each sublayer's
-    output. backend is dilated_attention's ("auto", "fused", "math").
+    output. backend is dilated_attention's ("auto", "fused", "math", "triton").
     """
 
     d_model: int = 768
