@@ -29,6 +29,7 @@ from longnet import LongNetConfig, LongNetLM, dilated_attention
 from longnet.distributed import sequence_parallel_dilated_attention
 from longnet.kernels import resolve_backend
 from longnet.launch.metrics import read_metrics
+from longnet.reference import dense_dilated_attention
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_CUDA = "no CUDA device (torch.cuda.is_available() is False): run benchmarks/gpu.sh on a GPU"
@@ -105,6 +106,26 @@ def test_cuda_kernel_choice_and_its_numbers(rng, device, dtype, head_dim, kernel
     backend = "math" if kernel == "math" else "fused"
     fn = on(device, dilated(lengths, rates, True, backend))
     assert_matches(fn, q, k, v, reference_fn(lengths, rates, True), BOUNDS[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("device", [CUDA])
+def test_triton_backend_matches_reference(rng, device, causal, dtype):
+    """backend="triton" compiled for the GPU (tests/test_triton.py runs it under the
+    interpreter): grouped-query heads, a long sequence, r > w, a head shift, against the float64
+    reference; "auto" never picks it."""
+    pytest.importorskip("triton", reason="pip install 'longnet[triton]'")
+    q, k, v = make_qkv(rng, 2, 1000, 8, 2, 64, dtype)
+    lengths, rates = [128, 256, 1024, 64], [1, 2, 4, 70]
+    queries = q.detach().to(device).transpose(1, 2)
+    assert resolve_backend("auto", queries, queries, queries, causal) != "triton"
+    fn = functools.partial(dilated(lengths, rates, causal, "triton"), head_shift=1)
+
+    def expected(q, k, v):
+        return dense_dilated_attention(q, k, v, lengths, rates, causal=causal, head_shift=1)
+
+    assert_matches(on(device, fn), q, k, v, expected, BOUNDS[dtype])
 
 
 def laid_out_outputs_and_grads(device, layout, q, k, v, grad_out, fn):
