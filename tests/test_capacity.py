@@ -4,6 +4,7 @@ hardware its comment names) and bad input."""
 
 import contextlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -161,19 +162,40 @@ def hardware(path: Path) -> tuple[int, str]:
     return devices, memory[1] + memory[2] if memory else UNNAMED_MEMORY
 
 
-@pytest.mark.slow  # full-size models: a fake step of ~1 min each on one core
-@pytest.mark.parametrize("path", sorted(CONFIGS.glob("gpu-*.yaml")), ids=lambda p: p.name)
-def test_gpu_configs_fit_their_hardware(path, tmp_path):
-    """Each GPU config, launched as its comment says (devices = dp x sp, ZeRO over all of
-    them), fits one of its devices by the estimate."""
+GPU_CONFIGS = sorted(CONFIGS.glob("gpu-*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def gpu_estimates(tmp_path_factory) -> dict[str, tuple]:
+    """{config name: (devices, memory, sp, the estimate's exit, stderr, JSON path)} of every GPU
+    config launched as its comment says, the estimates run side by side (full-size models: a
+    fake step of about a minute each on one core)."""
     from longnet.launch.config import load_config
 
-    devices, memory = hardware(path)
-    sp = load_config(path).parallel.sequence_parallel_size
+    folder, runs = tmp_path_factory.mktemp("gpu-configs"), {}
+    for path in GPU_CONFIGS:
+        devices, memory = hardware(path)
+        sp = load_config(path).parallel.sequence_parallel_size
+        out = folder / f"{path.stem}.json"
+        args = ["--config", str(path), "--dp", str(devices // sp), "--device-memory", memory]
+        command = [sys.executable, "-m", "longnet.launch.capacity", *args, "--json", str(out)]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
+        runs[path.name] = (devices, memory, sp, process, out)
+    return {
+        name: (devices, memory, sp, process.wait(timeout=900), process.stderr.read(), out)
+        for name, (devices, memory, sp, process, out) in runs.items()
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", GPU_CONFIGS, ids=lambda p: p.name)
+def test_gpu_configs_fit_their_hardware(path, gpu_estimates):
+    """Each GPU config, launched as its comment says (devices = dp x sp, ZeRO over all of
+    them), fits one of its devices by the estimate."""
+    devices, memory, sp, returncode, stderr, out = gpu_estimates[path.name]
     assert devices % sp == 0, f"{path.name}: {devices} devices, sp {sp}"
-    out = tmp_path / "out.json"
-    args = ["--config", str(path), "--dp", str(devices // sp), "--device-memory", memory]
-    capacity.main([*args, "--json", str(out)])
+    assert returncode == 0, stderr
     rank = json.loads(out.read_text())["per_rank"]
     assert rank["fits"], f"{path.name}: {rank['peak'] / 2**30:.1f} GiB on {memory}"
 
