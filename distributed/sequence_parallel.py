@@ -23,7 +23,7 @@ from longnet import engine, selection
 from longnet.checks import flag
 from longnet.dilated import attend, check_arguments, check_patterns, kernel_for
 from longnet.distributed.documents import attention as documents_attention
-from longnet.kernels import accumulation_dtype
+from longnet.kernels import accumulation_dtype, register_attention_autograd
 from longnet.plan import make_plan
 from longnet.varlen import Documents
 
@@ -226,23 +226,7 @@ def _attention_backward_op(
     return tuple((a + b).to(a.dtype) for a, b in zip(grads, (grad_q, grad_k, grad_v), strict=True))
 
 
-@_attention_backward_op.register_fake
-def _(grad_out, q, k, v, *args):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, *ctx.arguments = inputs
-    ctx.save_for_backward(q, k, v, *output)
-
-
-def _backward(ctx, grad_out, *_):
-    # lse, received and keys_before are internal (the function returns out only): no gradient.
-    grads = _attention_backward_op(grad_out, *ctx.saved_tensors, *ctx.arguments)
-    return *grads, *[None] * len(ctx.arguments)
-
-
-_attention_op.register_autograd(_backward, setup_context=_setup_context)
+register_attention_autograd(_attention_op, _attention_backward_op)
 
 
 def communication(

@@ -21,7 +21,12 @@ import torch
 
 from longnet import engine, selection, varlen
 from longnet.checks import choice, flag, int_at_least, positive_ints
-from longnet.kernels import BACKENDS, accumulation_dtype, resolve_backend
+from longnet.kernels import (
+    BACKENDS,
+    accumulation_dtype,
+    register_attention_autograd,
+    resolve_backend,
+)
 from longnet.plan import make_plan
 
 
@@ -212,23 +217,7 @@ def _(q, k, v, segment_lengths, dilation_rates, causal, scale, kernel, head_shif
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=accumulation_dtype(q.dtype))
 
 
-@_attention_backward_op.register_fake
-def _(grad_out, q, k, v, out, lse, *args):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, *ctx.arguments = inputs
-    ctx.save_for_backward(q, k, v, *output)
-
-
-def _backward(ctx, grad_out, grad_lse):
-    # lse is internal (dilated_attention returns out only), so grad_lse is always zero.
-    grads = _attention_backward_op(grad_out, *ctx.saved_tensors, *ctx.arguments)
-    return *grads, *[None] * len(ctx.arguments)
-
-
-_attention_op.register_autograd(_backward, setup_context=_setup_context)
+register_attention_autograd(_attention_op, _attention_backward_op)
 
 
 def dilated_attention(

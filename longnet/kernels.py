@@ -262,3 +262,24 @@ def attention_backward(
     grad_q = torch.matmul(grad_scores, k.to(dtype))
     grad_k = torch.matmul(grad_scores.transpose(-1, -2), q.to(dtype))
     return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype)
+
+
+def register_attention_autograd(op, backward_op) -> None:
+    """The autograd of an attention custom op and the fake kernel of its backward op, for ops of
+    the form op(q, k, v, *arguments) -> (out, *saved) and backward_op(grad_out, q, k, v, out,
+    *saved, *arguments) -> (dq, dk, dv): q, k, v and every output are saved; the extra outputs
+    (lse, exchange buffers) are internal and get no gradient."""
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, *ctx.arguments = inputs
+        ctx.save_for_backward(q, k, v, *output)
+
+    def backward(ctx, grad_out, *_):
+        grads = backward_op(grad_out, *ctx.saved_tensors, *ctx.arguments)
+        return *grads, *[None] * len(ctx.arguments)
+
+    def fake_backward(grad_out, q, k, v, *args):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    backward_op.register_fake(fake_backward)
+    op.register_autograd(backward, setup_context=setup_context)

@@ -33,6 +33,8 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from longnet.kernels import register_attention_autograd
+
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -453,23 +455,7 @@ def _(q, k, v, segment_lengths, dilation_rates, causal, scale, head_shift):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-@_attention_backward_op.register_fake
-def _(grad_out, q, k, v, out, lse, *args):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, *ctx.arguments = inputs
-    ctx.save_for_backward(q, k, v, *output)
-
-
-def _backward(ctx, grad_out, grad_lse):
-    # lse is internal (dilated_attention returns out only), so grad_lse is always zero.
-    grads = _attention_backward_op(grad_out, *ctx.saved_tensors, *ctx.arguments)
-    return *grads, *[None] * len(ctx.arguments)
-
-
-_attention_op.register_autograd(_backward, setup_context=_setup_context)
+register_attention_autograd(_attention_op, _attention_backward_op)
 
 
 def dilated_attention(q, k, v, patterns, *, causal: bool, scale: float, head_shift: int = 0):
