@@ -39,6 +39,13 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
+def _rows(X, batch, head, positions, dims, s_b, s_h, s_n, s_d):
+    """(len(positions), len(dims)) pointers into head `head` of a (b, n, h, d) tensor with these
+    strides: the given rows (token positions) of one batch entry, read in place."""
+    return X + batch * s_b + head * s_h + positions[:, None] * s_n + dims[None, :] * s_d
+
+
+@triton.jit
 def _forward_kernel(
     Q, K, V, Out, Lse,
     q_b, q_n, q_h, q_d, k_b, k_n, k_h, k_d, v_b, v_n, v_h, v_d,
@@ -66,7 +73,7 @@ def _forward_kernel(
     dim_ok = dims < HEAD_DIM
     kv = head // group
     q = tl.load(
-        Q + batch * q_b + head * q_h + positions[:, None] * q_n + dims[None, :] * q_d,
+        _rows(Q, batch, head, positions, dims, q_b, q_h, q_n, q_d),
         mask=row_ok[:, None] & dim_ok[None, :],
         other=0.0,
     )
@@ -96,7 +103,7 @@ def _forward_kernel(
         p = tl.exp(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         values = tl.load(
-            V + batch * v_b + kv * v_h + key_positions[:, None] * v_n + dims[None, :] * v_d,
+            _rows(V, batch, kv, key_positions, dims, v_b, v_h, v_n, v_d),
             mask=col_ok[:, None] & dim_ok[None, :],
             other=0.0,
         )  # (BLOCK_N, BLOCK_D)
@@ -104,7 +111,7 @@ def _forward_kernel(
         m_i = m_new
     lse = m_i + tl.log(l_i)  # of the scaled scores
     out = acc / l_i[:, None]
-    out_ptrs = Out + batch * o_b + head * o_h + positions[:, None] * o_n + dims[None, :] * o_d
+    out_ptrs = _rows(Out, batch, head, positions, dims, o_b, o_h, o_n, o_d)
     lse_ptrs = Lse + batch * l_b + head * l_h + positions * l_n
     out_mask = row_ok[:, None] & dim_ok[None, :]
     if not FIRST:  # Eq. 10 in place: the running (out, lse) is (0, -inf) where nothing merged
@@ -153,12 +160,12 @@ def _dq_kernel(
     kv = head // group
     row_mask = row_ok[:, None] & dim_ok[None, :]
     q = tl.load(
-        Q + batch * q_b + head * q_h + positions[:, None] * q_n + dims[None, :] * q_d,
+        _rows(Q, batch, head, positions, dims, q_b, q_h, q_n, q_d),
         mask=row_mask,
         other=0.0,
     )
     do = tl.load(
-        DO + batch * do_b + head * do_h + positions[:, None] * do_n + dims[None, :] * do_d,
+        _rows(DO, batch, head, positions, dims, do_b, do_h, do_n, do_d),
         mask=row_mask,
         other=0.0,
     )
@@ -175,12 +182,12 @@ def _dq_kernel(
         key_positions = (seg_start + offset + cols * rate).to(tl.int64)
         col_mask = col_ok[:, None] & dim_ok[None, :]
         keys = tl.load(
-            K + batch * k_b + kv * k_h + key_positions[:, None] * k_n + dims[None, :] * k_d,
+            _rows(K, batch, kv, key_positions, dims, k_b, k_h, k_n, k_d),
             mask=col_mask,
             other=0.0,
         )  # (BLOCK_N, BLOCK_D)
         values = tl.load(
-            V + batch * v_b + kv * v_h + key_positions[:, None] * v_n + dims[None, :] * v_d,
+            _rows(V, batch, kv, key_positions, dims, v_b, v_h, v_n, v_d),
             mask=col_mask,
             other=0.0,
         )
@@ -193,7 +200,7 @@ def _dq_kernel(
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(keys.dtype), keys, input_precision=PRECISION)
     dq = dq * scale
-    dq_ptrs = DQ + batch * dq_b + head * dq_h + positions[:, None] * dq_n + dims[None, :] * dq_d
+    dq_ptrs = _rows(DQ, batch, head, positions, dims, dq_b, dq_h, dq_n, dq_d)
     if not FIRST:
         dq += tl.load(dq_ptrs, mask=row_mask, other=0.0)
     tl.store(dq_ptrs, dq, mask=row_mask)
@@ -232,12 +239,12 @@ def _dkdv_kernel(
     dim_ok = dims < HEAD_DIM
     col_mask = col_ok[:, None] & dim_ok[None, :]
     keys = tl.load(
-        K + batch * k_b + kv * k_h + key_positions[:, None] * k_n + dims[None, :] * k_d,
+        _rows(K, batch, kv, key_positions, dims, k_b, k_h, k_n, k_d),
         mask=col_mask,
         other=0.0,
     )  # (BLOCK_N, BLOCK_D)
     values = tl.load(
-        V + batch * v_b + kv * v_h + key_positions[:, None] * v_n + dims[None, :] * v_d,
+        _rows(V, batch, kv, key_positions, dims, v_b, v_h, v_n, v_d),
         mask=col_mask,
         other=0.0,
     )
@@ -253,12 +260,12 @@ def _dkdv_kernel(
             positions = (seg_start + offset + rows * rate).to(tl.int64)
             row_mask = row_ok[:, None] & dim_ok[None, :]
             q = tl.load(
-                Q + batch * q_b + head * q_h + positions[:, None] * q_n + dims[None, :] * q_d,
+                _rows(Q, batch, head, positions, dims, q_b, q_h, q_n, q_d),
                 mask=row_mask,
                 other=0.0,
             )  # (BLOCK_M, BLOCK_D)
             do = tl.load(
-                DO + batch * do_b + head * do_h + positions[:, None] * do_n + dims[None, :] * do_d,
+                _rows(DO, batch, head, positions, dims, do_b, do_h, do_n, do_d),
                 mask=row_mask,
                 other=0.0,
             )
@@ -275,8 +282,8 @@ def _dkdv_kernel(
             ds_t = p_t * (dp_t - delta[None, :])
             dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
     dk = dk * scale
-    dk_ptrs = DK + batch * dk_b + kv * dk_h + key_positions[:, None] * dk_n + dims[None, :] * dk_d
-    dv_ptrs = DV + batch * dv_b + kv * dv_h + key_positions[:, None] * dv_n + dims[None, :] * dv_d
+    dk_ptrs = _rows(DK, batch, kv, key_positions, dims, dk_b, dk_h, dk_n, dk_d)
+    dv_ptrs = _rows(DV, batch, kv, key_positions, dims, dv_b, dv_h, dv_n, dv_d)
     if not FIRST:
         dk += tl.load(dk_ptrs, mask=col_mask, other=0.0)
         dv += tl.load(dv_ptrs, mask=col_mask, other=0.0)
