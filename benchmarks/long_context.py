@@ -83,7 +83,8 @@ EXPERIMENTS = {
         models=(
             "dense", "dense-seed1", "local", "longnet", "select", "select-seed1",
             "select-k16", "select-k16-seed1", "select-k16-seed2", "select-b8", "select-b8-seed1",
-            "select-k16-long-seed1", "select-k16-long-seed2",
+            "select-k16-long-seed1", "select-k16-long-seed2", "select-pooled",
+            "select-pooled-seed1",
         ),
         contexts=(256, 512, 1024, 2048),
         record="far-retrieval.json",

@@ -143,6 +143,7 @@ def _attention_op(
     head_shift: int,
     select_top_k: int,
     select_block_size: int,
+    select_pooled: bool,
     group_name: str,
     overlap: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -152,7 +153,8 @@ def _attention_op(
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     # Checked here too (once per layout), since a compiled caller skips the wrapper's check.
     _agree(group_name, _describe(q, k, v, segment_lengths, dilation_rates, causal, scale, kernel,
-                                 head_shift, select_top_k, select_block_size))  # fmt: skip
+                                 head_shift, select_top_k, select_block_size,
+                                 select_pooled))  # fmt: skip
     plan = _shard_plan(q, k, segment_lengths, dilation_rates, causal, head_shift, rank, world)
     chosen = _selection(select_top_k, select_block_size, segment_lengths, rank, world)
     acc = accumulation_dtype(q.dtype) if chosen else None
@@ -166,15 +168,16 @@ def _attention_op(
     top_k, block_size, window, _, _ = chosen
     keys_before = _keys_before(k, v, group, rank, world)
     part = selection.forward(
-        q, *keys_before, block_size, top_k, window, scale, kernel, rank * q.shape[1]
-    )
+        q, *keys_before, block_size, top_k, window, scale, kernel, rank * q.shape[1],
+        pooled=select_pooled,
+    )  # fmt: skip
     out, lse = selection.mix(out, lse, *part)
     return out.to(q.dtype), lse, received, keys_before
 
 
 @_attention_op.register_fake
 def _(q, k, v, segment_lengths, dilation_rates, causal, scale, kernel, head_shift, select_top_k,
-      select_block_size, group_name, overlap):  # fmt: skip
+      select_block_size, select_pooled, group_name, overlap):  # fmt: skip
     group = _resolve_process_group(group_name)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     plan = _shard_plan(q, k, segment_lengths, dilation_rates, causal, head_shift, rank, world)
@@ -203,6 +206,7 @@ def _attention_backward_op(
     head_shift: int,
     select_top_k: int,
     select_block_size: int,
+    select_pooled: bool,
     group_name: str,
     overlap: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -220,7 +224,7 @@ def _attention_backward_op(
     top_k, block_size, window, _, _ = chosen
     grad_q, grad_keys, grad_values = selection.backward(
         grad_out, q, *keys_before, out, lse, block_size, top_k, window, scale, kernel,
-        rank * q.shape[1],
+        rank * q.shape[1], pooled=select_pooled,
     )  # fmt: skip
     grad_k, grad_v = _return_to_owners(torch.stack([grad_keys, grad_values]), group, rank, world)
     return tuple((a + b).to(a.dtype) for a, b in zip(grads, (grad_q, grad_k, grad_v), strict=True))
@@ -263,7 +267,7 @@ def _communicates(segment_lengths, shard_len: int, world: int, select_top_k: int
 
 def _describe(
     q, k, v, segment_lengths, dilation_rates, causal, softmax_scale, backend, head_shift,
-    select_top_k, select_block_size,
+    select_top_k, select_block_size, select_pooled=False,
 ) -> tuple[tuple[str, str], ...]:  # fmt: skip
     """(name, text) of what every rank of a group must pass alike."""
 
@@ -285,7 +289,10 @@ def _describe(
         ("softmax_scale", repr(softmax_scale)),
         ("backend", repr(backend)),
         ("head_shift", repr(head_shift)),
-        ("select_top_k, select_block_size", repr((select_top_k, select_block_size))),
+        (
+            "select_top_k, select_block_size, select_pooled",
+            repr((select_top_k, select_block_size, select_pooled)),
+        ),
     )
 
 
@@ -361,6 +368,7 @@ def sequence_parallel_dilated_attention(
     overlap: bool | None = None,
     select_top_k: int = 0,
     select_block_size: int = 32,
+    select_pooled: bool = False,
     documents: Documents | None = None,
 ) -> torch.Tensor:
     """longnet.dilated_attention over a sequence split across the ranks of `group`.
@@ -375,14 +383,15 @@ def sequence_parallel_dilated_attention(
     backend: on for NCCL, off for gloo, whose communication thread competes with the CPU
     kernels for the same cores (measured at P = 2 on 2 cores: efficiency 0.942-0.973 with it,
     0.986 without).
-    select_top_k > 0 adds the content-selected pattern, as in dilated_attention.
+    select_top_k > 0 adds the content-selected pattern, select_pooled the pooled one, as in
+    dilated_attention.
     documents (longnet.varlen.Documents, each its own sequence) lie in the global rows
     (b, P * L): from cu_seqlens over the b * P * L tokens or a (b, P * L) padding mask, the same
     on every rank; causal only (longnet/distributed/documents.py).
     """
     arguments = (
         q, k, v, segment_lengths, dilation_rates, causal, softmax_scale, backend, head_shift,
-        select_top_k, select_block_size,
+        select_top_k, select_block_size, select_pooled,
     )  # fmt: skip
     world, rank = _group_size_and_rank(group)
     group_name = _group_name(group) if world > 1 else ""
@@ -405,11 +414,11 @@ def sequence_parallel_dilated_attention(
         return attend(
             q, k, v, patterns, causal=causal, scale=scale, backend=backend,
             head_shift=head_shift, select_top_k=select_top_k, select_block_size=select_block_size,
-            documents=documents,
+            select_pooled=select_pooled, documents=documents,
         )  # fmt: skip
     out, *_ = _attention_op(
         q, k, v, lengths, rates, causal, scale, kernel, head_shift, select_top_k,
-        select_block_size, group_name, overlap,
+        select_block_size, select_pooled, group_name, overlap,
     )  # fmt: skip
     return out
 
@@ -417,7 +426,7 @@ def sequence_parallel_dilated_attention(
 def _attention_of_documents(q, k, v, documents, patterns, scale, arguments, group, overlap):
     """sequence_parallel_dilated_attention's answer for documents over the global rows."""
     world, rank = _group_size_and_rank(group)
-    *_, causal, _, backend, head_shift, top_k, block_size = arguments
+    *_, causal, _, backend, head_shift, top_k, block_size, pooled = arguments
     if not causal:
         raise ValueError(
             "documents (cu_seqlens or attention_mask) under sequence parallelism run causal only: "
@@ -431,7 +440,7 @@ def _attention_of_documents(q, k, v, documents, patterns, scale, arguments, grou
         )
     lengths, rates = ([pattern[i] for pattern in patterns] for i in (0, 1))
     options = dict(backend=backend, head_shift=head_shift, select_top_k=top_k,
-                   select_block_size=block_size)  # fmt: skip
+                   select_block_size=block_size, select_pooled=pooled)  # fmt: skip
 
     def attend_shard(q, k, v, own):
         return attend(q, k, v, patterns, causal=True, scale=scale, documents=own, **options)

@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 
 from longnet.checks import choice, flag, int_at_least, positive_float, positive_int
-from longnet.dilated import check_patterns
+from longnet.dilated import check_patterns, check_selection
 from longnet.kernels import BACKENDS
 from longnet.positions import POSITIONS, xpos_max_exponent
 
@@ -51,8 +51,11 @@ class BlockConfig:
     # The content-selected pattern (longnet/selection.py): every query also attends the
     # select_top_k blocks of select_block_size tokens of its causal past whose mean key scores
     # highest against it, mixed with the dilated patterns by Eq. 10. 0 is the paper.
+    # select_pooled adds the pooled pattern: one more key per candidate block, its mean key with
+    # its mean value (NSA's compressed attention), which gives the block scores a gradient.
     select_top_k: int = 0
     select_block_size: int = 32
+    select_pooled: bool = False
     # Memory for long sequences (docs/capacity.md). ffn_tile_tokens > 0 runs each block's FFN
     # and its norm over tiles of that many tokens, keeping only its input for backward
     # (longnet.layers.sequence_tiled): no (tokens, ffn_dim) tensor beyond one tile's; the same
@@ -82,8 +85,10 @@ class BlockConfig:
         patterns = check_patterns(self.segment_lengths, self.dilation_rates)
         self.segment_lengths = tuple(w for w, _ in patterns)
         self.dilation_rates = tuple(r for _, r in patterns)
-        self.select_top_k = int_at_least("select_top_k", self.select_top_k, 0)
-        self.select_block_size = positive_int("select_block_size", self.select_block_size)
+        # causal: the model decides (a ViT refuses the pattern at its layers' construction)
+        check_selection(
+            self.select_top_k, self.select_block_size, causal=True, select_pooled=self.select_pooled
+        )
         flags = ("qk_norm", "bias", "activation_checkpointing", "shift_heads_by_layer")
         for name in (*flags, "offload_checkpoints"):
             flag(name, getattr(self, name))

@@ -4,7 +4,8 @@ What a kernel that skips everything the semantics exclude computes (docs/semanti
 dilated pattern (w, r), each head's kept queries against the kept keys of their segment (the
 causal half with `causal`); for the content-selected pattern, each query's score against every
 candidate block (one pooled key each) plus the select_top_k * select_block_size keys it
-attends. Averaged over heads and tokens, summed over patterns. Dense causal attention over n
+attends; the pooled pattern (select_pooled) attends those same scored pooled keys, so it adds
+no pair. Averaged over heads and tokens, summed over patterns. Dense causal attention over n
 tokens costs (n + 1) / 2.
 """
 

@@ -97,25 +97,32 @@ def check_head_shift(head_shift) -> int:
     return head_shift
 
 
-def check_selection(select_top_k, select_block_size, causal: bool) -> None:
+def check_selection(select_top_k, select_block_size, causal: bool, select_pooled=False) -> None:
     """ValueError naming the value unless select_top_k is an int >= 0 (0: no content-selected
-    pattern) and, when it is on, select_block_size an int >= 1 and causal True."""
+    pattern) and, when it is on, select_block_size an int >= 1 and causal True; select_pooled a
+    flag that needs select_top_k > 0."""
     int_at_least("select_top_k", select_top_k, 0)
     int_at_least("select_block_size", select_block_size, 1)
     if select_top_k and not causal:
         raise ValueError("select_top_k > 0 (the content-selected pattern) needs causal=True")
+    if flag("select_pooled", select_pooled) and not select_top_k:
+        raise ValueError(
+            "select_pooled=True (the pooled pattern of the content-selected blocks) needs "
+            f"select_top_k > 0, got select_top_k={select_top_k!r}"
+        )
 
 
 def check_options(
-    segment_lengths, dilation_rates, causal, backend, head_shift, select_top_k, select_block_size
-) -> tuple[tuple[int, int], ...]:
+    segment_lengths, dilation_rates, causal, backend, head_shift, select_top_k, select_block_size,
+    select_pooled=False,
+) -> tuple[tuple[int, int], ...]:  # fmt: skip
     """Validated patterns ((w_1, r_1), ...) after checking every argument of a call but the
     tensors and the scale: what a layer checks once, at construction."""
     patterns = check_patterns(segment_lengths, dilation_rates)
     flag("causal", causal)
     check_head_shift(head_shift)
     choice("backend", backend, BACKENDS)
-    check_selection(select_top_k, select_block_size, causal)
+    check_selection(select_top_k, select_block_size, causal, select_pooled)
     if backend == "triton" and select_top_k:
         raise ValueError(
             "select_top_k > 0 (the content-selected pattern) is not built for backend='triton'; "
@@ -136,12 +143,13 @@ def check_arguments(
     head_shift,
     select_top_k=0,
     select_block_size=32,
+    select_pooled=False,
 ) -> tuple[tuple[tuple[int, int], ...], float]:
     """Validated (patterns, scale) of a dilated attention call; ValueError naming the first bad
     argument."""
     patterns = check_options(
         segment_lengths, dilation_rates, causal, backend, head_shift, select_top_k,
-        select_block_size,
+        select_block_size, select_pooled,
     )  # fmt: skip
     check_qkv(q, k, v)
     return patterns, resolve_softmax_scale(softmax_scale, q.shape[-1])
@@ -166,6 +174,7 @@ def _attention_op(
     head_shift: int,
     select_top_k: int,
     select_block_size: int,
+    select_pooled: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     plan = _plan(q, k, segment_lengths, dilation_rates, causal, head_shift)
     if not select_top_k:
@@ -174,7 +183,9 @@ def _attention_op(
     acc = accumulation_dtype(q.dtype)
     out, lse, _ = engine.forward(q, k, v, plan, scale=scale, kernel=kernel, out_dtype=acc)
     window = segment_lengths[0]
-    chosen = selection.forward(q, k, v, select_block_size, select_top_k, window, scale, kernel)
+    chosen = selection.forward(
+        q, k, v, select_block_size, select_top_k, window, scale, kernel, pooled=select_pooled
+    )
     out, lse = selection.mix(out, lse, *chosen)
     return out.to(q.dtype), lse
 
@@ -195,6 +206,7 @@ def _attention_backward_op(
     head_shift: int,
     select_top_k: int,
     select_block_size: int,
+    select_pooled: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     plan = _plan(q, k, segment_lengths, dilation_rates, causal, head_shift)
     grads = engine.backward(grad_out, q, k, v, out, lse, None, plan, scale=scale, kernel=kernel)
@@ -202,7 +214,8 @@ def _attention_backward_op(
         return grads
     window = segment_lengths[0]
     chosen = selection.backward(
-        grad_out, q, k, v, out, lse, select_block_size, select_top_k, window, scale, kernel
+        grad_out, q, k, v, out, lse, select_block_size, select_top_k, window, scale, kernel,
+        pooled=select_pooled,
     )
     return tuple((a + b).to(a.dtype) for a, b in zip(grads, chosen, strict=True))
 
@@ -233,6 +246,7 @@ def dilated_attention(
     head_shift: int = 0,
     select_top_k: int = 0,
     select_block_size: int = 32,
+    select_pooled: bool = False,
     cu_seqlens=None,
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -249,7 +263,9 @@ def dilated_attention(
     select_top_k > 0 adds the content-selected pattern (longnet/selection.py, causal only): each
     query also attends the select_top_k complete blocks of select_block_size tokens before its
     segment of the first pattern that score highest by q . mean(k of the block), mixed by Eq. 10
-    as one more pattern.
+    as one more pattern. select_pooled adds the pooled pattern beside it: each query also
+    attends one key per candidate block, the block's mean key with its mean value (NSA's
+    compressed attention), so the scores that choose the blocks get a gradient.
 
     Documents (longnet/varlen.py): each is its own sequence (segments start at its first token,
     no key crosses its boundary), given as cu_seqlens, flash-attn's int offsets 0 = o_0 <= ...
@@ -260,7 +276,7 @@ def dilated_attention(
     """
     patterns, scale = check_arguments(
         q, k, v, segment_lengths, dilation_rates, causal, softmax_scale, backend, head_shift,
-        select_top_k, select_block_size,
+        select_top_k, select_block_size, select_pooled,
     )  # fmt: skip
     documents = check_documents(q.shape, cu_seqlens, attention_mask)
     return attend(
@@ -274,6 +290,7 @@ def dilated_attention(
         head_shift=head_shift,
         select_top_k=select_top_k,
         select_block_size=select_block_size,
+        select_pooled=select_pooled,
         documents=documents,
     )
 
@@ -301,6 +318,7 @@ def attend(
     head_shift: int = 0,
     select_top_k: int = 0,
     select_block_size: int = 32,
+    select_pooled: bool = False,
     documents: varlen.Documents | None = None,
 ) -> torch.Tensor:
     """dilated_attention on arguments already checked (check_arguments, or a layer's
@@ -324,7 +342,7 @@ def attend(
     def attend_rows(q, k, v):
         out, _ = _attention_op(
             q, k, v, lengths, rates, causal, scale, kernel, head_shift, select_top_k,
-            select_block_size,
+            select_block_size, select_pooled,
         )  # fmt: skip
         return out
 

@@ -107,14 +107,16 @@ def decode_attention(
     head_shift: int = 0,
     select_top_k: int = 0,
     select_block_size: int = 32,
+    select_pooled: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Dilated causal attention of the last cached position: q (b, 1, h, d) -> (b, 1, h, dv),
-    with the content-selected pattern when select_top_k > 0 (the cache then holds every key).
+    with the content-selected pattern when select_top_k > 0 (the cache then holds every key), and
+    the pooled one beside it when select_pooled.
     A row whose tokens start later (cache.starts: left padding) is its own sequence from there:
     rows are decoded in groups of equal start."""
     options = (tuple(patterns), softmax_scale, head_shift, select_top_k, select_block_size)
-    options += (cache.keys.shape[2], backend)
+    options += (select_pooled, cache.keys.shape[2], backend)
     position, starts = cache.length - 1, cache.starts
     if starts is None or len(set(starts)) == 1:
         start = 0 if starts is None else starts[0]
@@ -134,7 +136,7 @@ def decode_attention(
 
 def _decode_document(
     q, window, position, start, patterns, softmax_scale, head_shift, select_top_k,
-    select_block_size, kv_heads, backend,
+    select_block_size, select_pooled, kv_heads, backend,
 ) -> torch.Tensor:  # fmt: skip
     """decode_attention of rows whose documents start at `start`: `position` is the new
     token's within its document, window(first) the keys and values from absolute position
@@ -155,7 +157,7 @@ def _decode_document(
         local = patterns[0][0]  # candidates end by the start of the first pattern's segment
         chosen = selection.forward(
             q, keys, values, select_block_size, select_top_k, local, softmax_scale, kernel,
-            query_offset=position,
+            query_offset=position, pooled=select_pooled,
         )  # fmt: skip
         out, _ = selection.mix(out, lse, *chosen)
     return out[..., :width].to(q.dtype)

@@ -79,6 +79,7 @@ class DilatedAttention(nn.Module):
         head_shift: int = 0,
         select_top_k: int = 0,
         select_block_size: int = 32,
+        select_pooled: bool = False,
         attention_fn: AttentionFn = dilated_attention,
         init_gain: float | None = None,
     ):
@@ -99,9 +100,10 @@ class DilatedAttention(nn.Module):
         # Every argument of the attention call checked here, once: forward runs unchecked.
         self.patterns = check_options(
             segment_lengths, dilation_rates, causal, backend, head_shift, select_top_k,
-            select_block_size,
+            select_block_size, select_pooled,
         )  # fmt: skip
         self.select_top_k, self.select_block_size = select_top_k, select_block_size
+        self.select_pooled = select_pooled
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if num_heads < 1 or d_model % num_heads:
             raise ValueError(f"d_model ({d_model}) must be a multiple of num_heads ({num_heads})")
@@ -167,6 +169,7 @@ class DilatedAttention(nn.Module):
                 head_shift=self.head_shift,
                 select_top_k=self.select_top_k,
                 select_block_size=self.select_block_size,
+                select_pooled=self.select_pooled,
                 documents=documents,
             )
         lengths, rates = zip(*self.patterns, strict=True)
@@ -189,7 +192,8 @@ class DilatedAttention(nn.Module):
         """The content-selected pattern's arguments, only when it is on (as for head_shift)."""
         if not self.select_top_k:
             return {}
-        return {"select_top_k": self.select_top_k, "select_block_size": self.select_block_size}
+        arguments = {"select_top_k": self.select_top_k, "select_block_size": self.select_block_size}
+        return arguments | ({"select_pooled": True} if self.select_pooled else {})
 
     def forward(
         self, x: torch.Tensor, cu_seqlens=None, attention_mask: torch.Tensor | None = None

@@ -92,6 +92,7 @@ class SelfAttention(DilatedAttention):
             head_shift=layer if config.shift_heads_by_layer else 0,
             select_top_k=config.select_top_k,
             select_block_size=config.select_block_size,
+            select_pooled=config.select_pooled,
             attention_fn=attention_fn,
             init_gain=gain,
         )

@@ -72,9 +72,11 @@ def dense_dilated_attention(
     head_shift=0,
     select_top_k=0,
     select_block_size=None,
+    select_pooled=False,
 ):
     """q (b, n, h, d), k and v (b, n, g, d) -> (b, n, h, d) in float64; select_top_k > 0 adds
-    the content-selected pattern (causal only) as one more pattern."""
+    the content-selected pattern (causal only) as one more pattern, select_pooled the pooled one:
+    one more key per candidate block, the block's mean key with its mean value."""
     q, k, v = q.double(), k.double(), v.double()
     batch, seq_len, heads, dim = q.shape
     group = heads // k.shape[2]
@@ -88,6 +90,19 @@ def dense_dilated_attention(
         window = segment_lengths[0]
         counts = counts + selected(q, k, select_block_size, select_top_k, window).to(q.device)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale + counts.log()  # counts: (h|b h, q, k)
+    if select_pooled:  # the block means as m more keys and values
+        m = seq_len // select_block_size
+        means_k, means_v = (
+            x[:, : m * select_block_size].unflatten(1, (m, select_block_size)).mean(2)
+            for x in (k, v)
+        )  # (b, m, h, d)
+        positions = torch.arange(seq_len, device=q.device)
+        earlier = (positions - positions % segment_lengths[0]) // select_block_size  # (n,)
+        candidate = torch.arange(m, device=q.device) < earlier[:, None]  # (n, m)
+        pooled = torch.einsum("bqhd,bmhd->bhqm", q, means_k) * scale
+        scores = torch.cat([scores.expand(batch, -1, -1, -1), pooled + candidate.log()], dim=-1)
+        counts = torch.cat([counts.expand(batch, -1, -1, -1), candidate.expand_as(pooled)], -1)
+        v = torch.cat([v, means_v], dim=1)
     # A query no pattern keeps has no key at all: its row is zero (and its gradient too).
     covered = (counts.sum(-1, keepdim=True) > 0).expand_as(scores)
     probs = torch.softmax(scores.masked_fill(~covered, 0.0), dim=-1) * covered

@@ -147,15 +147,19 @@ def _chunks(q: torch.Tensor, keys: int, query_offset: int, block_size, top_k, wi
 
 
 def forward(
-    q, k, v, block_size: int, top_k: int, window: int, scale: float, kernel="math", query_offset=0
-):
+    q, k, v, block_size: int, top_k: int, window: int, scale: float, kernel="math", query_offset=0,
+    pooled=False,
+):  # fmt: skip
     """The pattern alone, causal: q (b, n, h, d), k and v (b, s, g, d) -> out (b, n, h, d) and
     lse (b, n, h) in the accumulation dtype; lse is -inf (and out 0) for the queries with no
     candidate block (those of the first segment of `window` = w_1 tokens). k and v hold the
     keys of positions 0 .. s - 1,
     q the queries of positions query_offset .. query_offset + n - 1 (sequence parallelism:
     the shard's queries against the keys up to its end). kernel: longnet.kernels' name of the
-    fused kernel for the masked form."""
+    fused kernel for the masked form. pooled: mixed with the pooled pattern (pooled_forward)."""
+    if pooled:
+        chosen = forward(q, k, v, block_size, top_k, window, scale, kernel, query_offset)
+        return mix(*chosen, *pooled_forward(q, k, v, block_size, window, scale, query_offset))
     acc = accumulation_dtype(q.dtype)
     out = torch.zeros(q.shape, dtype=acc, device=q.device)
     lse = torch.full(q.shape[:3], -math.inf, dtype=acc, device=q.device)
@@ -210,10 +214,16 @@ def _allowed(chunk: _Chunk) -> torch.Tensor:
 
 def backward(
     grad_out, q, k, v, out, lse, block_size: int, top_k: int, window: int, scale: float,
-    kernel="math", query_offset=0,
+    kernel="math", query_offset=0, pooled=False,
 ):  # fmt: skip
     """(dq, dk, dv) in the accumulation dtype of the pattern's part of the MIXED attention, from
-    the mixed out (b, n, h, d) and lse (b, n, h): the softmax over all patterns' keys."""
+    the mixed out (b, n, h, d) and lse (b, n, h): the softmax over all patterns' keys; with the
+    pooled pattern's part when pooled."""
+    if pooled:
+        arguments = (grad_out, q, k, v, out, lse, block_size)
+        chosen = backward(*arguments, top_k, window, scale, kernel, query_offset)
+        by_means = pooled_backward(*arguments, window, scale, query_offset)
+        return tuple(a + b for a, b in zip(chosen, by_means, strict=True))
     acc = accumulation_dtype(q.dtype)
     grad_q = torch.zeros(q.shape, dtype=acc, device=q.device)
     grad_k = torch.zeros(k.shape, dtype=acc, device=k.device)
@@ -262,6 +272,103 @@ def backward(
             blocks = table.view(batch, kv_heads, m, block_size, dim).permute(0, 2, 3, 1, 4)
             total[:, : m * block_size] = blocks.flatten(1, 2)
     return grad_q, grad_k, grad_v
+
+
+def _pooled_chunks(q: torch.Tensor, blocks: int) -> list[tuple[int, int]]:
+    """Ranges of q's rows whose scores against `blocks` pooled keys stay within CHUNK_ELEMENTS."""
+    batch, n, heads, _ = q.shape
+    step = max(1, CHUNK_ELEMENTS // max(1, batch * heads * blocks))
+    return [(start, min(start + step, n)) for start in range(0, n, step)]
+
+
+class _Pooled:
+    """The block means of k and v per query head, (b, m, h, d) each in the accumulation dtype,
+    with the blocks whose mean is NaN (b, m, h) zeroed where NaN is tracked exactly (CPU)."""
+
+    def __init__(self, q, k, v, block_size: int, window: int, scale: float, query_offset: int):
+        heads = q.shape[2]
+        self.keys, self.values = (
+            block_means(x, block_size).repeat_interleave(heads // x.shape[2], dim=2) for x in (k, v)
+        )
+        self.nan_blocks = None
+        if reads_values_on_host(q.device):
+            nan_blocks = self.keys.isnan().any(-1) | self.values.isnan().any(-1)  # (b, m, h)
+            if bool(nan_blocks.any()):
+                self.nan_blocks = nan_blocks
+                self.keys = self.keys.masked_fill(self.keys.isnan(), 0.0)
+                self.values = self.values.masked_fill(self.values.isnan(), 0.0)
+        self.q, self.block_size, self.window, self.scale = q, block_size, window, scale
+        self.query_offset = query_offset
+
+    def candidate(self, start: int, end: int) -> torch.Tensor:
+        """(c, m) whether each query of rows start .. end - 1 may read each block."""
+        positions = torch.arange(start, end, device=self.q.device) + self.query_offset
+        limit = candidates(positions, self.window, self.block_size)
+        return torch.arange(self.keys.shape[1], device=self.q.device) < limit[:, None]
+
+    def scores(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(b, c, h, m) scaled scores of rows start .. end - 1, -inf off their candidates, and
+        the (c, m) candidates."""
+        candidate = self.candidate(start, end)
+        queries = self.q[:, start:end].to(self.keys.dtype)
+        scores = torch.einsum("bchd,bmhd->bchm", queries, self.keys) * self.scale
+        return scores.masked_fill(~candidate[:, None], -math.inf), candidate
+
+
+def pooled_forward(q, k, v, block_size: int, window: int, scale: float, query_offset=0):
+    """The pooled pattern alone (select_pooled; NSA's compressed attention, pooled by the mean):
+    each query attends one key per candidate block, the block's mean key with its mean value.
+    Its scores are the ones the top-k choice ranks, so through this pattern the choice's scores
+    get a gradient. Arguments and results as in forward: out (b, n, h, d) and lse (b, n, h) in
+    the accumulation dtype, lse -inf where a query has no candidate block."""
+    acc = accumulation_dtype(q.dtype)
+    out = torch.zeros(q.shape, dtype=acc, device=q.device)
+    lse = torch.full(q.shape[:3], -math.inf, dtype=acc, device=q.device)
+    pooled = _Pooled(q, k, v, block_size, window, scale, query_offset)
+    readers = None if pooled.nan_blocks is None else torch.zeros_like(lse, dtype=torch.bool)
+    for start, end in _pooled_chunks(q, pooled.keys.shape[1]):
+        scores, candidate = pooled.scores(start, end)
+        part_lse = torch.logsumexp(scores, dim=-1)  # (b, c, h)
+        probs = torch.exp(scores - _finite(part_lse).unsqueeze(-1))
+        out[:, start:end] = torch.einsum("bchm,bmhd->bchd", probs, pooled.values)
+        lse[:, start:end] = part_lse
+        if readers is not None:  # every candidate is read with a positive weight
+            read = candidate[None, :, None] & pooled.nan_blocks.transpose(1, 2)[:, None]
+            readers[:, start:end] = read.any(-1)
+    mark_nan_readers(out, lse, q, readers)
+    return out, lse
+
+
+def pooled_backward(
+    grad_out, q, k, v, out, lse, block_size: int, window: int, scale: float, query_offset=0
+):
+    """(dq, dk, dv) in the accumulation dtype of the pooled pattern's part of the MIXED attention
+    (out (b, n, h, d) and lse (b, n, h) of all patterns): a block's mean passes its gradient to
+    each of its B keys (values) divided by B."""
+    acc = accumulation_dtype(q.dtype)
+    pooled = _Pooled(q, k, v, block_size, window, scale, query_offset)
+    grad_q = torch.zeros(q.shape, dtype=acc, device=q.device)
+    grad_keys, grad_values = torch.zeros_like(pooled.keys), torch.zeros_like(pooled.values)
+    for start, end in _pooled_chunks(q, pooled.keys.shape[1]):
+        scores, _ = pooled.scores(start, end)
+        d_out, mixed = grad_out[:, start:end].to(acc), out[:, start:end].to(acc)
+        probs = torch.exp(scores - _finite(lse[:, start:end].to(acc)).unsqueeze(-1))
+        delta = (d_out * mixed).sum(-1, keepdim=True)  # (b, c, h, 1)
+        grad_probs = torch.einsum("bchd,bmhd->bchm", d_out, pooled.values)
+        grad_scores = probs * (grad_probs - delta) * scale
+        grad_q[:, start:end] = torch.einsum("bchm,bmhd->bchd", grad_scores, pooled.keys)
+        grad_keys += torch.einsum("bchm,bchd->bmhd", grad_scores, q[:, start:end].to(acc))
+        grad_values += torch.einsum("bchm,bchd->bmhd", probs, d_out)
+    kv_heads = k.shape[2]
+    grads = []
+    for x, grad in ((k, grad_keys), (v, grad_values)):
+        per_kv_head = grad.unflatten(2, (kv_heads, -1)).sum(3) / block_size  # (b, m, g, d)
+        total = torch.zeros(x.shape, dtype=acc, device=x.device)
+        total[:, : per_kv_head.shape[1] * block_size] = per_kv_head.repeat_interleave(
+            block_size, dim=1
+        )
+        grads.append(total)
+    return grad_q, *grads
 
 
 def _finite(lse: torch.Tensor) -> torch.Tensor:

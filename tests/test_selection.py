@@ -1,7 +1,7 @@
-"""The content-selected pattern (longnet/selection.py): exact against the float64 reference
-(longnet.reference.selected, an independent loop over queries and blocks) on one device in both
-of its forms, under sequence parallelism on real gloo ranks, in cached decoding, and refused
-where it is not defined."""
+"""The content-selected pattern (longnet/selection.py), with and without the pooled pattern
+beside it: exact against the float64 reference (longnet.reference.selected, an independent loop
+over queries and blocks) on one device in both of its forms, under sequence parallelism on real
+gloo ranks, in cached decoding, and refused where it is not defined."""
 
 from __future__ import annotations
 
@@ -29,12 +29,12 @@ CASES = {
 }
 
 
-def run(case, form, dtype=torch.float64):
+def run(case, form, dtype=torch.float64, pooled=False):
     batch, n, heads, kv_heads, dim, lengths, rates, top_k, block = CASES[case]
     generator = torch.Generator().manual_seed(len(case))
     q, k, v = make_qkv(generator, batch, n, heads, kv_heads, dim, dtype=dtype)
     grad_out = randn(generator, *q.shape, dtype=dtype)
-    choice = dict(select_top_k=top_k, select_block_size=block)
+    choice = dict(select_top_k=top_k, select_block_size=block, select_pooled=pooled)
     fn = functools.partial(
         dilated_attention, segment_lengths=lengths, dilation_rates=rates, causal=True, **choice
     )
@@ -48,30 +48,54 @@ def run(case, form, dtype=torch.float64):
     return actual, outputs_and_grads(reference, q, k, v, grad_out)
 
 
+@pytest.mark.parametrize("pooled", [False, True], ids=["chosen", "pooled"])
 @pytest.mark.parametrize("form", ["masked", "gathered"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_matches_reference(case, form):
-    actual, expected = run(case, form)
+def test_matches_reference(case, form, pooled):
+    actual, expected = run(case, form, pooled=pooled)
     for name, a, e in zip(("out", "dq", "dk", "dv"), actual, expected, strict=True):
         assert max_error(a, e) <= TOLERANCE[torch.float64], name
 
 
+@pytest.mark.parametrize("pooled", [False, True], ids=["chosen", "pooled"])
 @pytest.mark.parametrize("form", ["masked", "gathered"])
-def test_float32_on_the_fused_kernel(form):
-    actual, expected = run("paper_patterns", form, dtype=torch.float32)
+def test_float32_on_the_fused_kernel(form, pooled):
+    actual, expected = run("paper_patterns", form, dtype=torch.float32, pooled=pooled)
     for name, a, e in zip(("out", "dq", "dk", "dv"), actual, expected, strict=True):
         assert max_error(a, e) <= TOLERANCE[torch.float32], name
 
 
-def test_the_choice_changes_the_output():
-    """Not a no-op: the pattern changes what the local pattern alone gives."""
-    (out, *_), _ = run("local_plus_choice", "masked")
+def test_the_choice_and_the_means_change_the_output():
+    """Not no-ops: the chosen blocks change what the local pattern alone gives, and the pooled
+    pattern changes what the chosen blocks give, gradients of the keys included."""
+    (chosen, _, chosen_dk, _), _ = run("local_plus_choice", "masked")
+    (pooled, _, pooled_dk, _), _ = run("local_plus_choice", "masked", pooled=True)
     batch, n, heads, kv_heads, dim, lengths, rates, *_ = CASES["local_plus_choice"]
     q, k, v = make_qkv(
         torch.Generator().manual_seed(len("local_plus_choice")), batch, n, heads, kv_heads, dim
     )
     local = dilated_attention(q, k, v, lengths, rates, causal=True)
-    assert max_error(out, local.detach()) > 1e-3
+    assert max_error(chosen, local.detach()) > 1e-3
+    assert max_error(pooled, chosen) > 1e-3 and max_error(pooled_dk, chosen_dk) > 1e-3
+
+
+def test_the_pooled_pattern_trains_the_scores_of_unchosen_blocks():
+    """The point of the pooled pattern: a block the top-k choice leaves out still passes a
+    gradient to its keys (through its mean), so the score that ranks it can rise."""
+    q = torch.zeros(1, 12, 1, 2, dtype=torch.float64)
+    k = torch.zeros(1, 12, 1, 2, dtype=torch.float64, requires_grad=True)
+    v = torch.arange(24, dtype=torch.float64).view(1, 12, 1, 2)
+    q[0, 11, 0] = torch.tensor([1.0, 0.0])
+    with torch.no_grad():
+        k[0, 4:8, 0] = torch.tensor([5.0, 0.0])  # block 1 of 4 tokens: the one chosen
+    for pooled, expected in ((False, False), (True, True)):
+        k.grad = None
+        out = dilated_attention(
+            q, k, v, [8], [1], causal=True, select_top_k=1, select_block_size=4,
+            select_pooled=pooled,
+        )  # fmt: skip
+        out[0, 11].sum().backward()
+        assert bool(k.grad[0, 0:4].abs().sum() > 0) == expected  # block 0: never chosen
 
 
 def test_reference_choice_is_by_content():
@@ -93,6 +117,8 @@ def test_reference_choice_is_by_content():
         (dict(select_top_k=2, select_block_size=0), "select_block_size must be an int >= 1, got 0"),
         (dict(select_top_k=True), "select_top_k must be an int >= 0, got True"),
         (dict(select_top_k=2, causal=False), "needs causal=True"),
+        (dict(select_pooled=True), "select_pooled=True .* got select_top_k=0"),
+        (dict(select_top_k=2, select_pooled=1), "select_pooled must be True or False, got 1"),
     ],
 )
 def test_bad_arguments(arguments, message):
@@ -107,6 +133,11 @@ def test_config_refuses_xpos():
         LongNetConfig.preset("longnet-tiny", position="xpos", select_top_k=2)
 
 
+def test_config_refuses_the_pooled_pattern_without_a_choice():
+    with pytest.raises(ValueError, match="select_pooled=True .* got select_top_k=0"):
+        LongNetConfig.preset("longnet-tiny", select_pooled=True)
+
+
 def tiny_model(**overrides):
     torch.manual_seed(0)
     config = LongNetConfig.preset(
@@ -116,8 +147,9 @@ def tiny_model(**overrides):
     return LongNetLM(config).eval()
 
 
-def test_cached_decoding_equals_recompute():
-    model = tiny_model()
+@pytest.mark.parametrize("pooled", [False, True], ids=["chosen", "pooled"])
+def test_cached_decoding_equals_recompute(pooled):
+    model = tiny_model(select_pooled=pooled)
     prompt = torch.randint(0, 264, (2, 30), generator=torch.Generator().manual_seed(0))
     cached = model.generate(prompt, 50, top_k=1)
     assert torch.equal(cached, model.generate(prompt, 50, top_k=1, use_cache=False))
@@ -156,13 +188,40 @@ def test_nan_reaches_exactly_the_queries_that_read_it(which, form):
     assert through_choice > 0 or which == "q"
 
 
+@pytest.mark.parametrize("which", ["k", "v"])
+def test_nan_through_the_means_reaches_every_query_that_may_choose_its_block(which):
+    """Every query of the kv head whose candidates include the NaN's block reads its mean, so
+    with the pooled pattern those queries are NaN too, and no other beyond the patterns' own."""
+    batch, n, heads, kv_heads, dim, lengths, rates, top_k, block = CASES["paper_patterns"]
+    generator = torch.Generator().manual_seed(4)
+    position = 21  # block 2 of 8 tokens; queries from 32 on (the next segment of 8) read it
+    q, k, v = (x.detach() for x in make_qkv(generator, batch, n, heads, kv_heads, dim))
+    tensors = dict(q=q, k=k, v=v)
+    tensors[which][0, position, 1, 2] = float("nan")
+    out = dilated_attention(
+        q, k, v, lengths, rates, causal=True, select_top_k=top_k, select_block_size=block,
+        select_pooled=True,
+    )  # fmt: skip
+    dilated = multiplicity(n, heads, lengths, rates, causal=True)  # (h, n, n)
+    group = heads // kv_heads
+    chosen = selected(q, k.repeat_interleave(group, dim=2), block, top_k, lengths[0])[0]
+    readers = torch.zeros(n, heads, dtype=torch.bool)
+    queries = torch.arange(n)
+    by_means = selection.candidates(queries, lengths[0], block) > position // block  # (n,)
+    for head in range(group * 1, group * 2):  # the query heads of kv head 1
+        by_pattern, by_choice = dilated[head, :, position], chosen[head, :, position]
+        readers[:, head] = (by_pattern + by_choice > 0) | by_means
+    assert by_means.any() and not readers.all()
+    assert torch.equal(out[0].isnan().any(-1), readers)
+
+
 def test_positions_are_not_wrapped():
     """Keys at any distance interact: the period that bounds positions for the dilated
     patterns must not fold distances beyond it."""
     assert tiny_model().config.position_period is None
 
 
-def run_sequence_parallel(size, inputs, lengths, rates, top_k, block):
+def run_sequence_parallel(size, inputs, lengths, rates, top_k, block, pooled=False):
     group = (
         None if size == distributed_utils.WORLD_SIZE else distributed_utils.consecutive_group(size)
     )
@@ -172,7 +231,7 @@ def run_sequence_parallel(size, inputs, lengths, rates, top_k, block):
     q, k, v = (x.clone().requires_grad_() for x in (q, k, v))
     out = sequence_parallel_dilated_attention(
         q, k, v, lengths, rates, group=group, causal=True, select_top_k=top_k,
-        select_block_size=block,
+        select_block_size=block, select_pooled=pooled,
     )  # fmt: skip
     out.backward(grad_out)
     return torch.distributed.get_rank(group), (out.detach(), q.grad, k.grad, v.grad)
@@ -180,21 +239,26 @@ def run_sequence_parallel(size, inputs, lengths, rates, top_k, block):
 
 @pytest.mark.parametrize("size", [2, 4])
 @pytest.mark.parametrize(
-    "lengths, rates, top_k, block",
-    [([8], [1], 2, 4), ([8, 16, 32], [1, 2, 4], 3, 8), ([32], [4], 1, 8)],
-    ids=["local", "spanning_patterns", "blocks_across_ranks"],
+    "lengths, rates, top_k, block, pooled",
+    [
+        ([8], [1], 2, 4, False),
+        ([8, 16, 32], [1, 2, 4], 3, 8, False),
+        ([32], [4], 1, 8, False),
+        ([8, 16, 32], [1, 2, 4], 2, 4, True),
+    ],
+    ids=["local", "spanning_patterns", "blocks_across_ranks", "pooled"],
 )
-def test_sequence_parallel_equals_one_device(size, lengths, rates, top_k, block):
+def test_sequence_parallel_equals_one_device(size, lengths, rates, top_k, block, pooled):
     generator = torch.Generator().manual_seed(size)
     q, k, v = make_qkv(generator, 2, 32, 4, 2, 8)
     grad_out = randn(generator, *q.shape)
     inputs = tuple(x.detach() for x in (q, k, v, grad_out))
     results = distributed_utils.run(
-        run_sequence_parallel, size, inputs, lengths, rates, top_k, block
+        run_sequence_parallel, size, inputs, lengths, rates, top_k, block, pooled
     )
     fn = functools.partial(
         dilated_attention, segment_lengths=lengths, dilation_rates=rates, causal=True,
-        select_top_k=top_k, select_block_size=block,
+        select_top_k=top_k, select_block_size=block, select_pooled=pooled,
     )  # fmt: skip
     expected = outputs_and_grads(fn, q, k, v, grad_out)
     members = [r for r in results if r is not None]  # groups of consecutive workers
