@@ -216,7 +216,7 @@ def _attention_backward_op(
     chosen = selection.backward(
         grad_out, q, k, v, out, lse, select_block_size, select_top_k, window, scale, kernel,
         pooled=select_pooled,
-    )
+    )  # fmt: skip
     return tuple((a + b).to(a.dtype) for a, b in zip(grads, chosen, strict=True))
 
 
