@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from longnet import dilated_attention
+from longnet import dilated_attention, selection
 from longnet.launch.data import load
 from longnet.launch.data.passkey import plant, random_key
 from longnet.launch.evaluate import (
@@ -79,12 +79,15 @@ def digit_accuracy(records: list[dict], context: int) -> list[float]:
     return [sum(r["predicted"][i : i + 1] == r["key"][i] for r in far) / len(far) for i in range(5)]
 
 
-def pattern_masses(q, k, query: int, keys: list[int], config) -> torch.Tensor:
-    """(h, patterns) mixed attention mass of position `query` on positions `keys`; q (n, h, d),
-    k (n, h, d) in float64 (kv heads repeated), the patterns of config (the content-selected
-    one last when on)."""
+def pattern_masses(q, k, query: int, keys: list[int], config) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, patterns) mixed attention mass of position `query` on positions `keys`, and (h,)
+    whether the content-selected pattern chose a block holding one of them (all False when it
+    is off); q (n, h, d), k (n, h, d) in float64 (kv heads repeated), the patterns of config
+    (the content-selected one, then the pooled one, last when on). The pooled pattern's mass is
+    its mass on the blocks that hold the keys."""
     n, heads, dim = q.shape
-    scores = torch.einsum("hd,nhd->hn", q[query], k[: query + 1]) / math.sqrt(config.head_dim)
+    scale = 1 / math.sqrt(config.head_dim)
+    scores = torch.einsum("hd,nhd->hn", q[query], k[: query + 1]) * scale
     masks = [
         multiplicity(query + 1, heads, [w], [r], causal=True)[:, query] > 0
         for w, r in zip(config.segment_lengths, config.dilation_rates, strict=True)
@@ -95,14 +98,25 @@ def pattern_masses(q, k, query: int, keys: list[int], config) -> torch.Tensor:
             config.select_top_k, config.segment_lengths[0],
         )  # fmt: skip
         masks.append(chosen[0, :, query] > 0)
-    lse = torch.stack([torch.logsumexp(scores.masked_fill(~m, -math.inf), -1) for m in masks], -1)
+    columns = [(scores, mask, keys) for mask in masks]
+    if config.select_pooled:  # one key per candidate block: its mean key
+        block = config.select_block_size
+        candidates = selection.candidates(query, config.segment_lengths[0], block)
+        means = selection.block_means(k[None, : candidates * block], block)[0]  # (m, h, d)
+        pooled = torch.einsum("hd,mhd->hm", q[query], means) * scale
+        held = sorted({key // block for key in keys if key // block < candidates})
+        columns.append((pooled, torch.ones_like(pooled, dtype=torch.bool), held))
+    lse = torch.stack(
+        [torch.logsumexp(x.masked_fill(~m, -math.inf), -1) for x, m, _ in columns], -1
+    )  # (h, patterns)
     total = torch.logsumexp(lse, -1, keepdim=True)  # (h, 1)
     masses = []
-    for i, mask in enumerate(masks):
-        probs = torch.exp(scores.masked_fill(~mask, -math.inf) - lse[:, i : i + 1])
+    for i, (x, mask, targets) in enumerate(columns):
+        probs = torch.exp(x.masked_fill(~mask, -math.inf) - lse[:, i : i + 1])
         share = torch.exp(lse[:, i] - total[:, 0]).nan_to_num(0.0)
-        masses.append(share * probs[:, keys].nan_to_num(0.0).sum(-1))
-    return torch.stack(masses, -1)
+        masses.append(share * probs[:, targets].nan_to_num(0.0).sum(-1))
+    chosen = masks[-1][:, keys].any(-1) if config.select_top_k else torch.zeros(heads, dtype=bool)
+    return torch.stack(masses, -1), chosen
 
 
 def capture(model):
@@ -122,6 +136,7 @@ def masses(model, corpus, context: int, count: int, seed: int, exact: dict) -> l
     traced, captured = capture(model)
     config = model.config
     sums = {True: 0.0, False: 0.0}
+    chosen_sums = {True: 0.0, False: 0.0}
     counts = {True: 0, False: 0}
     base = windows(corpus, context, count)
     for depth in DEPTHS:
@@ -132,22 +147,28 @@ def masses(model, corpus, context: int, count: int, seed: int, exact: dict) -> l
             digit = key_digits_position(planted, corpus.tokenizer, key)
             captured.clear()
             traced(torch.tensor(planted[:start])[None])
-            per_layer = []
+            per_layer, chosen = [], []
             for q, k in captured:
                 q, k = q[0].double(), k[0].double()
                 k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
                 keys = list(range(digit, digit + DIGITS))
-                per_layer.append(pattern_masses(q, k, start - 1, keys, config))
+                layer_masses, layer_chosen = pattern_masses(q, k, start - 1, keys, config)
+                per_layer.append(layer_masses)
+                chosen.append(layer_chosen)
             right = exact.get((depth, index), False)
             sums[right] = sums[right] + torch.stack(per_layer)  # (layers, h, patterns)
+            chosen_sums[right] = chosen_sums[right] + torch.stack(chosen).double()  # (layers, h)
             counts[right] += 1
     labels = [
         f"{w}/{r}" for w, r in zip(config.segment_lengths, config.dilation_rates, strict=True)
     ]
     if config.select_top_k:
         labels.append(f"selected {config.select_top_k}x{config.select_block_size}")
+    if config.select_pooled:
+        labels.append(f"pooled {config.select_block_size}")
     rows = []
     mean = {right: sums[right] / max(1, counts[right]) for right in sums}
+    chosen_mean = {right: chosen_sums[right] / max(1, counts[right]) for right in sums}
     for layer in range(config.num_layers):
         for head in range(config.num_heads):
             for p, label in enumerate(labels):
@@ -160,11 +181,25 @@ def masses(model, corpus, context: int, count: int, seed: int, exact: dict) -> l
                         "mass_failed": _item(mean[False], counts[False], layer, head, p),
                     }
                 )
-    return rows, counts
+    chosen_rows = (
+        [
+            {
+                "layer": layer,
+                "head": head,
+                "chosen_exact": _item(chosen_mean[True], counts[True], layer, head),
+                "chosen_failed": _item(chosen_mean[False], counts[False], layer, head),
+            }
+            for layer in range(config.num_layers)
+            for head in range(config.num_heads)
+        ]
+        if config.select_top_k
+        else []
+    )
+    return rows, chosen_rows, counts
 
 
-def _item(mean, count: int, layer: int, head: int, pattern: int):
-    return None if not count else float(mean[layer, head, pattern])
+def _item(mean, count: int, *index: int):
+    return None if not count else float(mean[index])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -186,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
         index = sum(1 for key in exact if key[0] == record["depth"])
         exact[(record["depth"], index)] = record["exact"]
     rate = max(model.config.dilation_rates)
-    rows, counts = masses(model, corpus, args.context, args.windows, args.seed, exact)
+    rows, chosen, counts = masses(model, corpus, args.context, args.windows, args.seed, exact)
     result = {
         "model": str(args.model),
         "context": args.context,
@@ -198,6 +233,7 @@ def main(argv: list[str] | None = None) -> None:
         else [],
         "windows": {"exact": counts[True], "failed": counts[False]},
         "mass": rows,
+        "key_block_chosen": chosen,
     }
     args.output.write_text(json.dumps(result, indent=1) + "\n")
     print(f"accuracy by (answer query - key digit) mod {rate}:")
@@ -213,6 +249,10 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"  L{r['layer']} h{r['head']} {r['pattern']}: {r['mass_exact']} | {r['mass_failed']}"
         )
+    if chosen:
+        print("share of windows whose key block the head chose (layer, head): exact | failed")
+        for r in sorted(chosen, key=lambda r: -(r["chosen_exact"] or 0))[:8]:
+            print(f"  L{r['layer']} h{r['head']}: {r['chosen_exact']} | {r['chosen_failed']}")
 
 
 if __name__ == "__main__":

@@ -215,3 +215,38 @@ def test_lm_loss_benchmark_gets_one_loss_both_ways():
     assert [name for name, _ in losses] == ["full logits", "chunked"]
     assert abs(float(losses[0][1]) - float(losses[1][1])) < 1e-5
     assert abs(float(losses[0][1]) - math.log(1000)) < 1.0  # near-uniform at initialisation
+
+
+def test_passkey_attribution_masses_add_up_to_the_mixed_attention_on_the_keys():
+    """benchmarks/passkey_attribution.py's per-pattern masses (dilated, chosen blocks, pooled
+    blocks) sum to what the library's mixed attention puts on the key tokens: the output for
+    values that are 1 on the keys (a whole block, so that its mean is 1 too) and 0 elsewhere."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from passkey_attribution import pattern_masses
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from longnet import LongNetConfig, dilated_attention
+
+    config = LongNetConfig.preset(
+        "longnet-tiny", position="rotary", segment_lengths=(16, 32), dilation_rates=(1, 2),
+        select_top_k=2, select_block_size=8, select_pooled=True,
+    )  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    n, heads, dim = 61, config.num_heads, config.head_dim
+    q, k = (torch.randn(n, heads, dim, generator=generator, dtype=torch.float64) for _ in "qk")
+    keys = list(range(8, 16))  # block 1
+    v = torch.zeros(n, heads, 1, dtype=torch.float64)
+    v[keys] = 1.0
+    out = dilated_attention(
+        q[None], k[None], v[None].expand(-1, -1, -1, dim), config.segment_lengths,
+        config.dilation_rates, causal=True, softmax_scale=dim**-0.5,
+        select_top_k=config.select_top_k, select_block_size=config.select_block_size,
+        select_pooled=True,
+    )[0, :, :, 0]  # fmt: skip
+    for query in (20, 40, 60):
+        masses, chosen = pattern_masses(q[: query + 1], k[: query + 1], query, keys, config)
+        assert masses.shape == (heads, 4)  # 16/1, 32/2, chosen, pooled
+        assert torch.allclose(masses.sum(-1), out[query], atol=1e-12), query
+        assert torch.equal(chosen, masses[:, 2] > 0)
+    assert (masses[:, 3] > 0).all()
