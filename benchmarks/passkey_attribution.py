@@ -39,7 +39,7 @@ from longnet.launch.evaluate import (
     rebuilt,
     windows,
 )
-from longnet.reference import multiplicity, selected
+from longnet.reference import multiplicity
 
 DIGITS = 5
 
@@ -92,18 +92,18 @@ def pattern_masses(q, k, query: int, keys: list[int], config) -> tuple[torch.Ten
         multiplicity(query + 1, heads, [w], [r], causal=True)[:, query] > 0
         for w, r in zip(config.segment_lengths, config.dilation_rates, strict=True)
     ]  # (h, query + 1) each
+    block = config.select_block_size
+    candidates = selection.candidates(query, config.segment_lengths[0], block)
+    means = selection.block_means(k[None, : candidates * block], block)[0]  # (m, h, d)
+    pooled = torch.einsum("hd,mhd->hm", q[query], means) * scale  # what the choice ranks
     if config.select_top_k:
-        chosen = selected(
-            q[None, : query + 1], k[None, : query + 1], config.select_block_size,
-            config.select_top_k, config.segment_lengths[0],
-        )  # fmt: skip
-        masks.append(chosen[0, :, query] > 0)
+        best = pooled.topk(min(config.select_top_k, candidates), dim=-1).indices  # (h, top_k)
+        chosen = torch.zeros(heads, query + 1, dtype=torch.bool)
+        for offset in range(block):
+            chosen.scatter_(1, best * block + offset, True)
+        masks.append(chosen)
     columns = [(scores, mask, keys) for mask in masks]
     if config.select_pooled:  # one key per candidate block: its mean key
-        block = config.select_block_size
-        candidates = selection.candidates(query, config.segment_lengths[0], block)
-        means = selection.block_means(k[None, : candidates * block], block)[0]  # (m, h, d)
-        pooled = torch.einsum("hd,mhd->hm", q[query], means) * scale
         held = sorted({key // block for key in keys if key // block < candidates})
         columns.append((pooled, torch.ones_like(pooled, dtype=torch.bool), held))
     lse = torch.stack(
