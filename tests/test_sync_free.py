@@ -21,6 +21,13 @@ CASES = {
     "content_selected": dict(
         segment_lengths=(8, 16), dilation_rates=(1, 2), select_top_k=2, select_block_size=4
     ),
+    "content_selected_and_pooled": dict(
+        segment_lengths=(8, 16),
+        dilation_rates=(1, 2),
+        select_top_k=2,
+        select_block_size=4,
+        select_pooled=True,
+    ),
 }
 
 
