@@ -79,12 +79,28 @@ def digit_accuracy(records: list[dict], context: int) -> list[float]:
     return [sum(r["predicted"][i : i + 1] == r["key"][i] for r in far) / len(far) for i in range(5)]
 
 
-def pattern_masses(q, k, query: int, keys: list[int], config) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h, patterns) mixed attention mass of position `query` on positions `keys`, and (h,)
-    whether the content-selected pattern chose a block holding one of them (all False when it
-    is off); q (n, h, d), k (n, h, d) in float64 (kv heads repeated), the patterns of config
-    (the content-selected one, then the pooled one, last when on). The pooled pattern's mass is
-    its mass on the blocks that hold the keys."""
+def choice(q, k, query: int, config) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(h, m) scaled scores of position `query` against the mean key of each of its m candidate
+    blocks (what the content-selected pattern ranks and the pooled one attends), and (h, query
+    + 1) whether it chose each key (None when the pattern is off); q, k as in pattern_masses."""
+    heads, block = q.shape[1], config.select_block_size
+    candidates = selection.candidates(query, config.segment_lengths[0], block)
+    means = selection.block_means(k[None, : candidates * block], block)[0]  # (m, h, d)
+    pooled = torch.einsum("hd,mhd->hm", q[query], means) / math.sqrt(config.head_dim)
+    if not config.select_top_k:
+        return pooled, None
+    best = pooled.topk(min(config.select_top_k, candidates), dim=-1).indices  # (h, top_k)
+    chosen = torch.zeros(heads, query + 1, dtype=torch.bool)
+    for offset in range(block):
+        chosen.scatter_(1, best * block + offset, True)
+    return pooled, chosen
+
+
+def pattern_masses(q, k, query: int, keys: list[int], config) -> torch.Tensor:
+    """(h, patterns) mixed attention mass of position `query` on positions `keys`; q (n, h, d),
+    k (n, h, d) in float64 (kv heads repeated), the patterns of config (the content-selected
+    one, then the pooled one, last when on). The pooled pattern's mass is its mass on the blocks
+    that hold the keys."""
     n, heads, dim = q.shape
     scale = 1 / math.sqrt(config.head_dim)
     scores = torch.einsum("hd,nhd->hn", q[query], k[: query + 1]) * scale
@@ -92,19 +108,13 @@ def pattern_masses(q, k, query: int, keys: list[int], config) -> tuple[torch.Ten
         multiplicity(query + 1, heads, [w], [r], causal=True)[:, query] > 0
         for w, r in zip(config.segment_lengths, config.dilation_rates, strict=True)
     ]  # (h, query + 1) each
-    block = config.select_block_size
-    candidates = selection.candidates(query, config.segment_lengths[0], block)
-    means = selection.block_means(k[None, : candidates * block], block)[0]  # (m, h, d)
-    pooled = torch.einsum("hd,mhd->hm", q[query], means) * scale  # what the choice ranks
-    if config.select_top_k:
-        best = pooled.topk(min(config.select_top_k, candidates), dim=-1).indices  # (h, top_k)
-        chosen = torch.zeros(heads, query + 1, dtype=torch.bool)
-        for offset in range(block):
-            chosen.scatter_(1, best * block + offset, True)
+    pooled, chosen = choice(q, k, query, config)
+    if chosen is not None:
         masks.append(chosen)
     columns = [(scores, mask, keys) for mask in masks]
     if config.select_pooled:  # one key per candidate block: its mean key
-        held = sorted({key // block for key in keys if key // block < candidates})
+        block = config.select_block_size
+        held = sorted({key // block for key in keys if key // block < pooled.shape[1]})
         columns.append((pooled, torch.ones_like(pooled, dtype=torch.bool), held))
     lse = torch.stack(
         [torch.logsumexp(x.masked_fill(~m, -math.inf), -1) for x, m, _ in columns], -1
@@ -115,8 +125,7 @@ def pattern_masses(q, k, query: int, keys: list[int], config) -> tuple[torch.Ten
         probs = torch.exp(x.masked_fill(~mask, -math.inf) - lse[:, i : i + 1])
         share = torch.exp(lse[:, i] - total[:, 0]).nan_to_num(0.0)
         masses.append(share * probs[:, targets].nan_to_num(0.0).sum(-1))
-    chosen = masks[-1][:, keys].any(-1) if config.select_top_k else torch.zeros(heads, dtype=bool)
-    return torch.stack(masses, -1), chosen
+    return torch.stack(masses, -1)
 
 
 def capture(model):
@@ -136,8 +145,8 @@ def masses(model, corpus, context: int, count: int, seed: int, exact: dict) -> l
     traced, captured = capture(model)
     config = model.config
     sums = {True: 0.0, False: 0.0}
-    chosen_sums = {True: 0.0, False: 0.0}
     counts = {True: 0, False: 0}
+    recall = Recall(config) if config.select_top_k else None
     base = windows(corpus, context, count)
     for depth in DEPTHS:
         rng = np.random.default_rng([seed, context, round(depth * 1000)])
@@ -146,19 +155,19 @@ def masses(model, corpus, context: int, count: int, seed: int, exact: dict) -> l
             planted, start = plant(row, corpus.tokenizer, key, depth)
             digit = key_digits_position(planted, corpus.tokenizer, key)
             captured.clear()
-            traced(torch.tensor(planted[:start])[None])
-            per_layer, chosen = [], []
+            # the prompt and the first four digits: the queries that predict the five digits
+            traced(torch.tensor(planted[: start + DIGITS - 1])[None])
+            layers = []
             for q, k in captured:
                 q, k = q[0].double(), k[0].double()
-                k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-                keys = list(range(digit, digit + DIGITS))
-                layer_masses, layer_chosen = pattern_masses(q, k, start - 1, keys, config)
-                per_layer.append(layer_masses)
-                chosen.append(layer_chosen)
+                layers.append((q, k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)))
+            keys = list(range(digit, digit + DIGITS))
+            per_layer = [pattern_masses(q, k, start - 1, keys, config) for q, k in layers]
             right = exact.get((depth, index), False)
             sums[right] = sums[right] + torch.stack(per_layer)  # (layers, h, patterns)
-            chosen_sums[right] = chosen_sums[right] + torch.stack(chosen).double()  # (layers, h)
             counts[right] += 1
+            if recall is not None:
+                recall.add(layers, start - 1, keys)
     labels = [
         f"{w}/{r}" for w, r in zip(config.segment_lengths, config.dilation_rates, strict=True)
     ]
@@ -168,7 +177,6 @@ def masses(model, corpus, context: int, count: int, seed: int, exact: dict) -> l
         labels.append(f"pooled {config.select_block_size}")
     rows = []
     mean = {right: sums[right] / max(1, counts[right]) for right in sums}
-    chosen_mean = {right: chosen_sums[right] / max(1, counts[right]) for right in sums}
     for layer in range(config.num_layers):
         for head in range(config.num_heads):
             for p, label in enumerate(labels):
@@ -181,25 +189,61 @@ def masses(model, corpus, context: int, count: int, seed: int, exact: dict) -> l
                         "mass_failed": _item(mean[False], counts[False], layer, head, p),
                     }
                 )
-    chosen_rows = (
-        [
-            {
-                "layer": layer,
-                "head": head,
-                "chosen_exact": _item(chosen_mean[True], counts[True], layer, head),
-                "chosen_failed": _item(chosen_mean[False], counts[False], layer, head),
-            }
-            for layer in range(config.num_layers)
-            for head in range(config.num_heads)
-        ]
-        if config.select_top_k
-        else []
-    )
-    return rows, chosen_rows, counts
+    return rows, None if recall is None else recall.summary(), counts
 
 
-def _item(mean, count: int, *index: int):
-    return None if not count else float(mean[index])
+class Recall:
+    """How often the content-selected pattern chose the key's block for each of the five
+    queries that predict the digits, over the windows whose key lies in a candidate block of
+    the first of them (beyond its segment of the first pattern)."""
+
+    def __init__(self, config):
+        self.config, self.windows = config, 0
+        self.by_digit = torch.zeros(config.num_layers, config.num_heads, DIGITS)
+        self.every_digit_by_head = torch.zeros(config.num_layers, config.num_heads)
+        self.every_digit_by_some_head = 0
+
+    def add(self, layers, first_query: int, keys: list[int]) -> None:
+        block, window = self.config.select_block_size, self.config.segment_lengths[0]
+        if keys[0] // block >= selection.candidates(first_query, window, block):
+            return
+        chosen = torch.stack(
+            [
+                torch.stack(
+                    [
+                        choice(q, k, first_query + i, self.config)[1][:, keys].any(-1)
+                        for i in range(DIGITS)
+                    ],
+                    -1,
+                )  # fmt: skip
+                for q, k in layers
+            ]
+        )  # (layers, h, digits)
+        self.windows += 1
+        self.by_digit += chosen.double()
+        self.every_digit_by_head += chosen.all(-1).double()
+        self.every_digit_by_some_head += int(chosen.any(0).any(0).all())
+
+    def summary(self) -> dict:
+        share = 1 / max(1, self.windows)
+        return {
+            "windows": self.windows,
+            "every_digit_by_some_head": self.every_digit_by_some_head * share,
+            "heads": [
+                {
+                    "layer": layer,
+                    "head": head,
+                    "by_digit": (self.by_digit[layer, head] * share).tolist(),
+                    "every_digit": float(self.every_digit_by_head[layer, head] * share),
+                }
+                for layer in range(self.config.num_layers)
+                for head in range(self.config.num_heads)
+            ],
+        }
+
+
+def _item(mean, count: int, layer: int, head: int, pattern: int):
+    return None if not count else float(mean[layer, head, pattern])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -233,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
         else [],
         "windows": {"exact": counts[True], "failed": counts[False]},
         "mass": rows,
-        "key_block_chosen": chosen,
+        "key_block_chosen": chosen,  # None without the content-selected pattern
     }
     args.output.write_text(json.dumps(result, indent=1) + "\n")
     print(f"accuracy by (answer query - key digit) mod {rate}:")
@@ -250,9 +294,14 @@ def main(argv: list[str] | None = None) -> None:
             f"  L{r['layer']} h{r['head']} {r['pattern']}: {r['mass_exact']} | {r['mass_failed']}"
         )
     if chosen:
-        print("share of windows whose key block the head chose (layer, head): exact | failed")
-        for r in sorted(chosen, key=lambda r: -(r["chosen_exact"] or 0))[:8]:
-            print(f"  L{r['layer']} h{r['head']}: {r['chosen_exact']} | {r['chosen_failed']}")
+        print(
+            f"key block chosen, {chosen['windows']} windows with the key in a candidate block: "
+            f"for all five digits by some head {chosen['every_digit_by_some_head']:.0%}; per "
+            "head (layer, head): by digit | all five"
+        )
+        for r in sorted(chosen["heads"], key=lambda r: -r["by_digit"][0])[:6]:
+            digits = " ".join(f"{x:.0%}" for x in r["by_digit"])
+            print(f"  L{r['layer']} h{r['head']}: {digits} | {r['every_digit']:.0%}")
 
 
 if __name__ == "__main__":
