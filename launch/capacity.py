@@ -115,6 +115,12 @@ def check(step: Step) -> None:
             raise ValueError(f"{name.replace('_', '-')} must be a whole number >= 1, got {value}")
     if step.zero not in (0, 1, 2, 3):
         raise ValueError(f"zero must be 0, 1, 2 or 3, got {step.zero}")
+    if step.zero == 3 and step.config.ffn_tile_tokens:
+        raise ValueError(
+            f"ffn-tile-tokens {step.config.ffn_tile_tokens} cannot go with zero 3 (the trainer "
+            "refuses it: the tiles' backward recomputes the FFN while ZeRO-3 holds its weights "
+            "partitioned)"
+        )
     if step.dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {step.dtype!r}")
     lengths = step.config.segment_lengths

@@ -141,13 +141,27 @@ class Config(_Section):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump()
 
+    @model_validator(mode="after")
+    def _tiles_without_zero3(self) -> Config:
+        # ZeRO-3 gathers a module's parameters around its forward; the tiles' backward runs the
+        # FFN again outside that bracket and DeepSpeed's linear then sees the partitioned weight.
+        tiles = self.model.build().ffn_tile_tokens
+        stage = self.deepspeed.get("zero_optimization", {}).get("stage", 0)
+        if tiles and stage == 3:
+            raise ValueError(
+                f"model.ffn_tile_tokens={tiles} cannot go with deepspeed.zero_optimization.stage=3 "
+                "(the tiles' backward recomputes the FFN while ZeRO-3 holds its weights "
+                "partitioned); use stage 1 or 2, or ffn_tile_tokens=0"
+            )
+        return self
+
 
 def _describe(error: dict) -> str:
     """One pydantic error as `key: problem`, naming the dotted key."""
-    loc = error["loc"]
-    key = str(loc[0]) + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc[1:])
     if error["type"] == "value_error":  # raised by the validators above: names its key already
         return str(error["ctx"]["error"])
+    loc = error["loc"]
+    key = str(loc[0]) + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc[1:])
     if error["type"] == "extra_forbidden":
         section = Config
         for part in loc[:-1]:

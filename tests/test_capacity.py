@@ -215,6 +215,19 @@ def test_offload_needs_checkpointing(capsys):
         (["--preset", "longnet-tiny", "--seq-len", "-512"], "-512"),
         (["--preset", "longnet-tiny", "--seq-len", "512", "--sp", "-2"], "-2"),
         (["--preset", "longnet-tiny", "--seq-len", "512", "--ffn-tile-tokens", "-3"], "-3"),
+        (
+            [
+                "--preset",
+                "longnet-tiny",
+                "--seq-len",
+                "512",
+                "--ffn-tile-tokens",
+                "64",
+                "--zero",
+                "3",
+            ],
+            "cannot go with zero 3",
+        ),  # fmt: skip
     ],
 )
 def test_bad_input_is_one_line(args, named, capsys):

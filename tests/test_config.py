@@ -149,6 +149,10 @@ def test_number_spellings_are_numbers_in_every_section(tmp_path, key, where):
         (["data.seq_len=-5"], "seq_len"),
         (["parallel.sequence_parallel_size=0"], "sequence_parallel_size"),
         (["checkpoint.keep=0"], "checkpoint.keep"),
+        (
+            ["model.ffn_tile_tokens=64", "deepspeed.zero_optimization.stage=3"],
+            r"model.ffn_tile_tokens=64 cannot go with deepspeed.zero_optimization.stage=3",
+        ),
     ],
 )
 def test_bad_values_name_the_key(overrides, message):

@@ -87,8 +87,29 @@ def test_schedule_warms_up_then_decays(baseline):
         # ZeRO 2 and 3 shard gradients (and parameters) differently; the numbers stay.
         ["deepspeed.zero_optimization.stage=2"],
         ["deepspeed.zero_optimization.stage=3"],
+        # The memory options (sequence-tiled FFN, offloaded checkpoints) under ZeRO-2.
+        [
+            "deepspeed.zero_optimization.stage=2",
+            "model.ffn_tile_tokens=5",
+            "model.activation_checkpointing=true",
+            "model.offload_checkpoints=true",
+        ],
+        # Offloaded checkpoints under ZeRO-3, whose parameters exist only while their module
+        # runs (the FFN tiles are refused there: test_config).
+        [
+            "deepspeed.zero_optimization.stage=3",
+            "model.activation_checkpointing=true",
+            "model.offload_checkpoints=true",
+        ],
     ],
-    ids=["gradient-accumulation", "activation-checkpointing", "zero-2", "zero-3"],
+    ids=[
+        "gradient-accumulation",
+        "activation-checkpointing",
+        "zero-2",
+        "zero-3",
+        "zero-2-tiles",
+        "zero-3-offload",
+    ],  # fmt: skip
 )
 def test_same_curve_with(tmp_path, baseline, extra):
     run_command(_train("tiny-cpu.yaml", overrides(tmp_path, *extra)))
