@@ -85,6 +85,7 @@ EXPERIMENTS = {
             "select-k16", "select-k16-seed1", "select-k16-seed2", "select-b8", "select-b8-seed1",
             "select-k16-long-seed1", "select-k16-long-seed2", "select-pooled",
             "select-pooled-seed1", "select-pooled-k32", "select-pooled-k32-seed1",
+            "select-pooled-k32-long", "select-pooled-k40",
         ),
         contexts=(256, 512, 1024, 2048),
         record="far-retrieval.json",
