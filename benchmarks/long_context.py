@@ -155,15 +155,17 @@ def step_seconds(configs: dict, length: int, rounds: int = 3) -> dict[str, float
     return best
 
 
-def costs(results: dict[str, dict]) -> None:
-    """Adds pairs per token at 8K and training speed against dense to every summary."""
+def costs(results: dict[str, dict], names: list[str]) -> None:
+    """Adds pairs per token at 8K to every summary and training speed against dense to those of
+    `names` (the models of this call), each timed beside dense in this process."""
     configs = {n: load_config(ROOT / s["config"]).model.build() for n, s in results.items()}
     dense = next(n for n in configs if n.startswith("dense"))
     for name, config in configs.items():
         results[name]["pairs_per_token_8k"] = pairs_at(config)
+    timed = {n: configs[n] for n in configs if n == dense or n in names}
     for length in SPEED_LENGTHS:
-        times = step_seconds(configs, length)
-        for name in configs:
+        times = step_seconds(timed, length)
+        for name in timed:
             results[name][f"speed_vs_dense_{length}"] = times[dense] / times[name]
 
 
@@ -301,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
         if results:
             write_table(experiment, results)
     if experiment.costs and results:  # once, at the end: the speeds are measured together
-        costs(results)
+        costs(results, names)
         record.write_text(json.dumps({"models": results, "failed": failed}, indent=1) + "\n")
         write_table(experiment, results)
     print(table(experiment, results))
