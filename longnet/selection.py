@@ -48,6 +48,12 @@ def candidates(positions, window: int, block_size: int):
     return positions // window * window // block_size
 
 
+def candidate_mask(positions, blocks: int, window: int, block_size: int) -> torch.Tensor:
+    """(c, blocks) whether a query at each of the positions (c,) may read each complete block."""
+    limit = candidates(positions, window, block_size)  # (c,)
+    return torch.arange(blocks, device=positions.device) < limit[:, None]
+
+
 def select_blocks(
     q: torch.Tensor,
     means: torch.Tensor,
@@ -64,11 +70,10 @@ def select_blocks(
     heads, kv_heads, m = q.shape[2], means.shape[2], means.shape[1]
     means = means.repeat_interleave(heads // kv_heads, dim=2)  # (b, m, h, d)
     scores = torch.einsum("bchd,bmhd->bchm", q.to(means.dtype), means)  # (b, c, h, m)
-    limit = candidates(positions, window, block_size)  # (c,)
-    candidate = torch.arange(m, device=q.device) < limit[:, None]  # (c, m)
+    candidate = candidate_mask(positions, m, window, block_size)  # (c, m)
     scores = scores.masked_fill(~candidate[:, None], -math.inf)
     index = scores.topk(min(top_k, m), dim=-1).indices  # (b, c, h, k)
-    return index, index < limit[:, None, None]
+    return index, index < candidates(positions, window, block_size)[:, None, None]
 
 
 def _flat_index(index: torch.Tensor, kv_heads: int, m: int) -> torch.Tensor:
@@ -303,8 +308,7 @@ class _Pooled:
     def candidate(self, start: int, end: int) -> torch.Tensor:
         """(c, m) whether each query of rows start .. end - 1 may read each block."""
         positions = torch.arange(start, end, device=self.q.device) + self.query_offset
-        limit = candidates(positions, self.window, self.block_size)
-        return torch.arange(self.keys.shape[1], device=self.q.device) < limit[:, None]
+        return candidate_mask(positions, self.keys.shape[1], self.window, self.block_size)
 
     def scores(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(b, c, h, m) scaled scores of rows start .. end - 1, -inf off their candidates, and
