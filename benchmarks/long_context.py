@@ -85,7 +85,8 @@ EXPERIMENTS = {
             "select-k16", "select-k16-seed1", "select-k16-seed2", "select-b8", "select-b8-seed1",
             "select-k16-long-seed1", "select-k16-long-seed2", "select-pooled",
             "select-pooled-seed1", "select-pooled-k32", "select-pooled-k32-seed1",
-            "select-pooled-k32-long", "select-pooled-k40",
+            "select-pooled-k32-seed2", "select-pooled-k32-long", "select-pooled-k40",
+            "select-pooled-k32-span16", "select-pooled-k32-span16-seed1",
         ),
         contexts=(256, 512, 1024, 2048),
         record="far-retrieval.json",
@@ -241,6 +242,8 @@ def table(experiment: Experiment, results: dict[str, dict]) -> str:
         selection = load_config(ROOT / summary["config"]).model.build()
         if selection.select_top_k:
             patterns += f" + top-{selection.select_top_k} blocks of {selection.select_block_size}"
+            if selection.select_query_span > 1:
+                patterns += f" by the mean of {selection.select_query_span} queries"
         row = [name, patterns]
         if experiment.costs:  # measured at the end of a call
             pairs = summary.get("pairs_per_token_8k")

@@ -80,19 +80,21 @@ def digit_accuracy(records: list[dict], context: int) -> list[float]:
 
 
 def choice(q, k, query: int, config) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(h, m) scaled scores of position `query` against the mean key of each of its m candidate
-    blocks (what the content-selected pattern ranks and the pooled one attends), and (h, query
-    + 1) whether it chose each key (None when the pattern is off); q, k as in pattern_masses."""
+    """(h, m) scaled scores of position `query`'s ranking query (its own, or its mean with the
+    select_query_span - 1 before it) against the mean key of each of its m candidate blocks
+    (what the content-selected pattern ranks and the pooled one attends), and (h, query + 1)
+    whether it chose each key (None when the pattern is off); q, k as in pattern_masses."""
     heads, block, window = q.shape[1], config.select_block_size, config.segment_lengths[0]
     candidates = selection.candidates(query, window, block)
     means = selection.block_means(k[None, : candidates * block], block)  # (1, m, h, d)
-    pooled = torch.einsum("hd,mhd->hm", q[query], means[0]) / math.sqrt(config.head_dim)
+    span = config.select_query_span
+    ranking = selection.ranking_queries(q[None, : query + 1], span)[:, query:]  # (1, 1, h, d)
+    pooled = torch.einsum("hd,mhd->hm", ranking[0, 0], means[0]) / math.sqrt(config.head_dim)
     if not config.select_top_k:
         return pooled, None
     index, _ = selection.select_blocks(
-        q[None, query : query + 1], means, torch.tensor([query]), block, config.select_top_k,
-        window,
-    )  # fmt: skip
+        ranking, means, torch.tensor([query]), block, config.select_top_k, window
+    )
     best = index[0, 0]  # (h, top_k): every candidate is a real choice here
     chosen = torch.zeros(heads, query + 1, dtype=torch.bool)
     for offset in range(block):

@@ -118,6 +118,36 @@ def _return_to_owners(grads: torch.Tensor, group, rank: int, world: int) -> torc
     return total[:, :, rank * shard_len : (rank + 1) * shard_len]
 
 
+def _queries_before(q, span: int, group, rank: int, world: int) -> torch.Tensor:
+    """The min(span - 1, rank * L) queries (b, t, h, d) before this shard's: what the ranking
+    queries of its first span - 1 positions average (selection.ranking_queries), from the last
+    T = min(L, span - 1) queries of every shard (an all_gather; T = L when one shard is not
+    enough). Empty for span 1."""
+    if span == 1:
+        return q.new_empty((q.shape[0], 0, *q.shape[2:]))
+    tail = q[:, q.shape[1] - _tail_len(q, span) :].contiguous()  # (b, T, h, d)
+    gathered = [torch.empty_like(tail) for _ in range(world)]
+    dist.all_gather(gathered, tail, group=group)
+    held = min(span - 1, rank * q.shape[1])
+    return torch.cat(gathered[:rank] + [tail[:, :0]], dim=1)[:, rank * tail.shape[1] - held :]
+
+
+def _tail_len(q, span: int) -> int:
+    return min(q.shape[1], span - 1)
+
+
+def _return_query_grads(grad_before, q, span: int, group, rank: int, world: int):
+    """(b, T, h, d): the gradients every rank computed for this shard's last T queries (their
+    queries_before), summed over the ranks; grad_before (b, t, h, d) this rank's for its
+    queries_before."""
+    tail = _tail_len(q, span)
+    total = grad_before.new_zeros((q.shape[0], world * tail, *q.shape[2:]))
+    end = rank * tail  # queries_before: the last t rows of the tails of the ranks before
+    total[:, end - grad_before.shape[1] : end] = grad_before
+    dist.all_reduce(total, group=group)
+    return total[:, end : end + tail]
+
+
 def _selection(select_top_k, select_block_size, segment_lengths, rank, world):
     """(top_k, block size, window, rank, world) of the content-selected pattern, or None."""
     if not select_top_k:
@@ -144,17 +174,19 @@ def _attention_op(
     select_top_k: int,
     select_block_size: int,
     select_pooled: bool,
+    select_query_span: int,
     group_name: str,
     overlap: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out (b, L, h, d), lse (b, L, h), received (2, b, N_recv, d): the exchanged K and V,
-    keys_before (2, b, (rank + 1) * L, g, d): the K and V the selected pattern chose from)."""
+    keys_before (2, b, (rank + 1) * L, g, d): the K and V the selected pattern chose from,
+    queries_before (b, min(span - 1, rank * L), h, d): the queries its ranking averages)."""
     group = _resolve_process_group(group_name)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     # Checked here too (once per layout), since a compiled caller skips the wrapper's check.
     _agree(group_name, _describe(q, k, v, segment_lengths, dilation_rates, causal, scale, kernel,
                                  head_shift, select_top_k, select_block_size,
-                                 select_pooled))  # fmt: skip
+                                 select_pooled, select_query_span))  # fmt: skip
     plan = _shard_plan(q, k, segment_lengths, dilation_rates, causal, head_shift, rank, world)
     chosen = _selection(select_top_k, select_block_size, segment_lengths, rank, world)
     acc = accumulation_dtype(q.dtype) if chosen else None
@@ -164,28 +196,34 @@ def _attention_op(
     )
     received = q.new_empty(0) if received is None else received
     if not chosen:
-        return out, lse, received, q.new_empty(0)
+        return out, lse, received, q.new_empty(0), q.new_empty(0)
     top_k, block_size, window, _, _ = chosen
     keys_before = _keys_before(k, v, group, rank, world)
+    queries_before = _queries_before(q, select_query_span, group, rank, world)
     part = selection.forward(
         q, *keys_before, block_size, top_k, window, scale, kernel, rank * q.shape[1],
-        pooled=select_pooled,
+        pooled=select_pooled, query_span=select_query_span, queries_before=queries_before,
     )  # fmt: skip
     out, lse = selection.mix(out, lse, *part)
-    return out.to(q.dtype), lse, received, keys_before
+    return out.to(q.dtype), lse, received, keys_before, queries_before
 
 
 @_attention_op.register_fake
 def _(q, k, v, segment_lengths, dilation_rates, causal, scale, kernel, head_shift, select_top_k,
-      select_block_size, select_pooled, group_name, overlap):  # fmt: skip
+      select_block_size, select_pooled, select_query_span, group_name, overlap):  # fmt: skip
     group = _resolve_process_group(group_name)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     plan = _shard_plan(q, k, segment_lengths, dilation_rates, causal, head_shift, rank, world)
     batch, shard_len, _, dim = q.shape
     lse = q.new_empty(q.shape[:3], dtype=accumulation_dtype(q.dtype))
     received = q.new_empty((2, batch, sum(plan.recv_counts), dim) if plan.exchanges else (0,))
+    if not select_top_k:
+        return torch.empty_like(q), lse, received, q.new_empty(0), q.new_empty(0)
     keys_before = q.new_empty((2, batch, (rank + 1) * shard_len, *k.shape[2:]))
-    return torch.empty_like(q), lse, received, keys_before if select_top_k else q.new_empty(0)
+    queries_before = q.new_empty(
+        (batch, min(select_query_span - 1, rank * shard_len), *q.shape[2:])
+    )
+    return torch.empty_like(q), lse, received, keys_before, queries_before
 
 
 @torch.library.custom_op("longnet::sequence_parallel_attention_backward", mutates_args=())
@@ -198,6 +236,7 @@ def _attention_backward_op(
     lse: torch.Tensor,
     received: torch.Tensor,
     keys_before: torch.Tensor,
+    queries_before: torch.Tensor,
     segment_lengths: list[int],
     dilation_rates: list[int],
     causal: bool,
@@ -207,6 +246,7 @@ def _attention_backward_op(
     select_top_k: int,
     select_block_size: int,
     select_pooled: bool,
+    select_query_span: int,
     group_name: str,
     overlap: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -222,10 +262,14 @@ def _attention_backward_op(
     if not chosen:
         return grads
     top_k, block_size, window, _, _ = chosen
-    grad_q, grad_keys, grad_values = selection.backward(
+    grad_q, grad_keys, grad_values, grad_before = selection.backward(
         grad_out, q, *keys_before, out, lse, block_size, top_k, window, scale, kernel,
-        rank * q.shape[1], pooled=select_pooled,
+        rank * q.shape[1], pooled=select_pooled, query_span=select_query_span,
+        queries_before=queries_before,
     )  # fmt: skip
+    if select_query_span > 1:
+        tail = _return_query_grads(grad_before, q, select_query_span, group, rank, world)
+        grad_q[:, q.shape[1] - tail.shape[1] :] += tail
     grad_k, grad_v = _return_to_owners(torch.stack([grad_keys, grad_values]), group, rank, world)
     return tuple((a + b).to(a.dtype) for a, b in zip(grads, (grad_q, grad_k, grad_v), strict=True))
 
@@ -235,7 +279,7 @@ register_attention_autograd(_attention_op, _attention_backward_op)
 
 def communication(
     q, k, v, segment_lengths, dilation_rates, *, group=None, causal=False, head_shift=0,
-    select_top_k=0, select_block_size=32,
+    select_top_k=0, select_block_size=32, select_query_span=1,
 ) -> Communication:  # fmt: skip
     """The bytes this rank sends and receives when it calls sequence_parallel_dilated_attention
     with these arguments (forward and backward), from the plan: nothing runs."""
@@ -254,6 +298,10 @@ def communication(
         shard = 2 * k.numel()
         forward = [b + (world - 1) * shard * k.element_size() for b in forward]
         backward = [b + world * shard * acc_size for b in backward]
+        # and the same of the queries' tails that the ranking queries average
+        tail = q.shape[0] * _tail_len(q, select_query_span) * q.shape[2] * q.shape[3]
+        forward = [b + (world - 1) * tail * q.element_size() for b in forward]
+        backward = [b + world * tail * acc_size for b in backward]
     return Communication(*forward, *backward)
 
 
@@ -267,7 +315,7 @@ def _communicates(segment_lengths, shard_len: int, world: int, select_top_k: int
 
 def _describe(
     q, k, v, segment_lengths, dilation_rates, causal, softmax_scale, backend, head_shift,
-    select_top_k, select_block_size, select_pooled=False,
+    select_top_k, select_block_size, select_pooled=False, select_query_span=1,
 ) -> tuple[tuple[str, str], ...]:  # fmt: skip
     """(name, text) of what every rank of a group must pass alike."""
 
@@ -290,8 +338,8 @@ def _describe(
         ("backend", repr(backend)),
         ("head_shift", repr(head_shift)),
         (
-            "select_top_k, select_block_size, select_pooled",
-            repr((select_top_k, select_block_size, select_pooled)),
+            "select_top_k, select_block_size, select_pooled, select_query_span",
+            repr((select_top_k, select_block_size, select_pooled, select_query_span)),
         ),
     )
 
@@ -369,6 +417,7 @@ def sequence_parallel_dilated_attention(
     select_top_k: int = 0,
     select_block_size: int = 32,
     select_pooled: bool = False,
+    select_query_span: int = 1,
     documents: Documents | None = None,
 ) -> torch.Tensor:
     """longnet.dilated_attention over a sequence split across the ranks of `group`.
@@ -383,15 +432,15 @@ def sequence_parallel_dilated_attention(
     backend: on for NCCL, off for gloo, whose communication thread competes with the CPU
     kernels for the same cores (measured at P = 2 on 2 cores: efficiency 0.942-0.973 with it,
     0.986 without).
-    select_top_k > 0 adds the content-selected pattern, select_pooled the pooled one, as in
-    dilated_attention.
+    select_top_k > 0 adds the content-selected pattern, select_pooled the pooled one, ranked by
+    select_query_span queries, as in dilated_attention.
     documents (longnet.varlen.Documents, each its own sequence) lie in the global rows
     (b, P * L): from cu_seqlens over the b * P * L tokens or a (b, P * L) padding mask, the same
     on every rank; causal only (longnet/distributed/documents.py).
     """
     arguments = (
         q, k, v, segment_lengths, dilation_rates, causal, softmax_scale, backend, head_shift,
-        select_top_k, select_block_size, select_pooled,
+        select_top_k, select_block_size, select_pooled, select_query_span,
     )  # fmt: skip
     world, rank = _group_size_and_rank(group)
     group_name = _group_name(group) if world > 1 else ""
@@ -414,11 +463,11 @@ def sequence_parallel_dilated_attention(
         return attend(
             q, k, v, patterns, causal=causal, scale=scale, backend=backend,
             head_shift=head_shift, select_top_k=select_top_k, select_block_size=select_block_size,
-            select_pooled=select_pooled, documents=documents,
+            select_pooled=select_pooled, select_query_span=select_query_span, documents=documents,
         )  # fmt: skip
     out, *_ = _attention_op(
         q, k, v, lengths, rates, causal, scale, kernel, head_shift, select_top_k,
-        select_block_size, select_pooled, group_name, overlap,
+        select_block_size, select_pooled, select_query_span, group_name, overlap,
     )  # fmt: skip
     return out
 
@@ -426,7 +475,7 @@ def sequence_parallel_dilated_attention(
 def _attention_of_documents(q, k, v, documents, patterns, scale, arguments, group, overlap):
     """sequence_parallel_dilated_attention's answer for documents over the global rows."""
     world, rank = _group_size_and_rank(group)
-    *_, causal, _, backend, head_shift, top_k, block_size, pooled = arguments
+    *_, causal, _, backend, head_shift, top_k, block_size, pooled, span = arguments
     if not causal:
         raise ValueError(
             "documents (cu_seqlens or attention_mask) under sequence parallelism run causal only: "
@@ -440,7 +489,8 @@ def _attention_of_documents(q, k, v, documents, patterns, scale, arguments, grou
         )
     lengths, rates = ([pattern[i] for pattern in patterns] for i in (0, 1))
     options = dict(backend=backend, head_shift=head_shift, select_top_k=top_k,
-                   select_block_size=block_size, select_pooled=pooled)  # fmt: skip
+                   select_block_size=block_size, select_pooled=pooled,
+                   select_query_span=span)  # fmt: skip
 
     def attend_shard(q, k, v, own):
         return attend(q, k, v, patterns, causal=True, scale=scale, documents=own, **options)

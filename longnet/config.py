@@ -56,6 +56,10 @@ class BlockConfig:
     select_top_k: int = 0
     select_block_size: int = 32
     select_pooled: bool = False
+    # select_query_span > 1 ranks the blocks (and scores the pooled keys) by the mean of each
+    # query and the select_query_span - 1 before it, so that the queries of one answer choose
+    # alike. 1: each query by its own.
+    select_query_span: int = 1
     # Memory for long sequences (docs/capacity.md). ffn_tile_tokens > 0 runs each block's FFN
     # and its norm over tiles of that many tokens, keeping only its input for backward
     # (longnet.layers.sequence_tiled): no (tokens, ffn_dim) tensor beyond one tile's; the same
@@ -87,8 +91,9 @@ class BlockConfig:
         self.dilation_rates = tuple(r for _, r in patterns)
         # causal: the model decides (a ViT refuses the pattern at its layers' construction)
         check_selection(
-            self.select_top_k, self.select_block_size, causal=True, select_pooled=self.select_pooled
-        )
+            self.select_top_k, self.select_block_size, causal=True,
+            select_pooled=self.select_pooled, select_query_span=self.select_query_span,
+        )  # fmt: skip
         flags = ("qk_norm", "bias", "activation_checkpointing", "shift_heads_by_layer")
         for name in (*flags, "offload_checkpoints"):
             flag(name, getattr(self, name))

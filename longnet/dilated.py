@@ -97,10 +97,12 @@ def check_head_shift(head_shift) -> int:
     return head_shift
 
 
-def check_selection(select_top_k, select_block_size, causal: bool, select_pooled=False) -> None:
+def check_selection(
+    select_top_k, select_block_size, causal: bool, select_pooled=False, select_query_span=1
+) -> None:
     """ValueError naming the value unless select_top_k is an int >= 0 (0: no content-selected
     pattern) and, when it is on, select_block_size an int >= 1 and causal True; select_pooled a
-    flag that needs select_top_k > 0."""
+    flag and select_query_span > 1 options that need select_top_k > 0."""
     int_at_least("select_top_k", select_top_k, 0)
     int_at_least("select_block_size", select_block_size, 1)
     if select_top_k and not causal:
@@ -110,11 +112,16 @@ def check_selection(select_top_k, select_block_size, causal: bool, select_pooled
             "select_pooled=True (the pooled pattern of the content-selected blocks) needs "
             f"select_top_k > 0, got select_top_k={select_top_k!r}"
         )
+    if int_at_least("select_query_span", select_query_span, 1) > 1 and not select_top_k:
+        raise ValueError(
+            f"select_query_span={select_query_span!r} (how the content-selected blocks are "
+            f"ranked) needs select_top_k > 0, got select_top_k={select_top_k!r}"
+        )
 
 
 def check_options(
     segment_lengths, dilation_rates, causal, backend, head_shift, select_top_k, select_block_size,
-    select_pooled=False,
+    select_pooled=False, select_query_span=1,
 ) -> tuple[tuple[int, int], ...]:  # fmt: skip
     """Validated patterns ((w_1, r_1), ...) after checking every argument of a call but the
     tensors and the scale: what a layer checks once, at construction."""
@@ -122,7 +129,7 @@ def check_options(
     flag("causal", causal)
     check_head_shift(head_shift)
     choice("backend", backend, BACKENDS)
-    check_selection(select_top_k, select_block_size, causal, select_pooled)
+    check_selection(select_top_k, select_block_size, causal, select_pooled, select_query_span)
     if backend == "triton" and select_top_k:
         raise ValueError(
             "select_top_k > 0 (the content-selected pattern) is not built for backend='triton'; "
@@ -144,12 +151,13 @@ def check_arguments(
     select_top_k=0,
     select_block_size=32,
     select_pooled=False,
+    select_query_span=1,
 ) -> tuple[tuple[tuple[int, int], ...], float]:
     """Validated (patterns, scale) of a dilated attention call; ValueError naming the first bad
     argument."""
     patterns = check_options(
         segment_lengths, dilation_rates, causal, backend, head_shift, select_top_k,
-        select_block_size, select_pooled,
+        select_block_size, select_pooled, select_query_span,
     )  # fmt: skip
     check_qkv(q, k, v)
     return patterns, resolve_softmax_scale(softmax_scale, q.shape[-1])
@@ -175,6 +183,7 @@ def _attention_op(
     select_top_k: int,
     select_block_size: int,
     select_pooled: bool,
+    select_query_span: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     plan = _plan(q, k, segment_lengths, dilation_rates, causal, head_shift)
     if not select_top_k:
@@ -184,8 +193,9 @@ def _attention_op(
     out, lse, _ = engine.forward(q, k, v, plan, scale=scale, kernel=kernel, out_dtype=acc)
     window = segment_lengths[0]
     chosen = selection.forward(
-        q, k, v, select_block_size, select_top_k, window, scale, kernel, pooled=select_pooled
-    )
+        q, k, v, select_block_size, select_top_k, window, scale, kernel, pooled=select_pooled,
+        query_span=select_query_span,
+    )  # fmt: skip
     out, lse = selection.mix(out, lse, *chosen)
     return out.to(q.dtype), lse
 
@@ -207,15 +217,16 @@ def _attention_backward_op(
     select_top_k: int,
     select_block_size: int,
     select_pooled: bool,
+    select_query_span: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     plan = _plan(q, k, segment_lengths, dilation_rates, causal, head_shift)
     grads = engine.backward(grad_out, q, k, v, out, lse, None, plan, scale=scale, kernel=kernel)
     if not select_top_k:
         return grads
     window = segment_lengths[0]
-    chosen = selection.backward(
+    *chosen, _ = selection.backward(
         grad_out, q, k, v, out, lse, select_block_size, select_top_k, window, scale, kernel,
-        pooled=select_pooled,
+        pooled=select_pooled, query_span=select_query_span,
     )  # fmt: skip
     return tuple((a + b).to(a.dtype) for a, b in zip(grads, chosen, strict=True))
 
@@ -247,6 +258,7 @@ def dilated_attention(
     select_top_k: int = 0,
     select_block_size: int = 32,
     select_pooled: bool = False,
+    select_query_span: int = 1,
     cu_seqlens=None,
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -266,6 +278,8 @@ def dilated_attention(
     as one more pattern. select_pooled adds the pooled pattern beside it: each query also
     attends one key per candidate block, the block's mean key with its mean value (NSA's
     compressed attention), so the scores that choose the blocks get a gradient.
+    select_query_span > 1 ranks the blocks (and scores the pooled keys) by the mean of each
+    query and the select_query_span - 1 queries before it, so that neighbours choose alike.
 
     Documents (longnet/varlen.py): each is its own sequence (segments start at its first token,
     no key crosses its boundary), given as cu_seqlens, flash-attn's int offsets 0 = o_0 <= ...
@@ -276,7 +290,7 @@ def dilated_attention(
     """
     patterns, scale = check_arguments(
         q, k, v, segment_lengths, dilation_rates, causal, softmax_scale, backend, head_shift,
-        select_top_k, select_block_size, select_pooled,
+        select_top_k, select_block_size, select_pooled, select_query_span,
     )  # fmt: skip
     documents = check_documents(q.shape, cu_seqlens, attention_mask)
     return attend(
@@ -291,6 +305,7 @@ def dilated_attention(
         select_top_k=select_top_k,
         select_block_size=select_block_size,
         select_pooled=select_pooled,
+        select_query_span=select_query_span,
         documents=documents,
     )
 
@@ -319,6 +334,7 @@ def attend(
     select_top_k: int = 0,
     select_block_size: int = 32,
     select_pooled: bool = False,
+    select_query_span: int = 1,
     documents: varlen.Documents | None = None,
 ) -> torch.Tensor:
     """dilated_attention on arguments already checked (check_arguments, or a layer's
@@ -342,7 +358,7 @@ def attend(
     def attend_rows(q, k, v):
         out, _ = _attention_op(
             q, k, v, lengths, rates, causal, scale, kernel, head_shift, select_top_k,
-            select_block_size, select_pooled,
+            select_block_size, select_pooled, select_query_span,
         )  # fmt: skip
         return out
 

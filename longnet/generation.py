@@ -38,6 +38,9 @@ class LayerCache:
         self.values: torch.Tensor | None = None  # (b, capacity, g, dv)
         # Each row's first token (its document's start; later with left padding), or None: 0.
         self.starts: list[int] | None = None
+        # The last queries (b, t, h, d) before the next token's (select_query_span > 1: the
+        # content-selected blocks are ranked by a query's mean with those before it).
+        self.queries: torch.Tensor | None = None
 
     @classmethod
     def holding(cls, keys: torch.Tensor, values: torch.Tensor) -> LayerCache:
@@ -59,6 +62,11 @@ class LayerCache:
         self.keys.index_copy_(1, slots % self.capacity, k[:, n - kept :])
         self.values.index_copy_(1, slots % self.capacity, v[:, n - kept :])
         self.length += n
+
+    def keep_queries(self, q: torch.Tensor, count: int) -> None:
+        """Keep the last `count` of the kept queries followed by q (b, n, h, d)."""
+        held = q if self.queries is None else torch.cat([self.queries, q], dim=1)
+        self.queries = held[:, max(0, held.shape[1] - count) :]
 
     def window(self, first: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys (b, s, g, d) and values (b, s, g, dv) of positions first .. length - 1: views
@@ -108,19 +116,23 @@ def decode_attention(
     select_top_k: int = 0,
     select_block_size: int = 32,
     select_pooled: bool = False,
+    select_query_span: int = 1,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Dilated causal attention of the last cached position: q (b, 1, h, d) -> (b, 1, h, dv),
     with the content-selected pattern when select_top_k > 0 (the cache then holds every key), and
-    the pooled one beside it when select_pooled.
+    the pooled one beside it when select_pooled; with select_query_span > 1 the cache also holds
+    the queries before q (LayerCache.keep_queries).
     A row whose tokens start later (cache.starts: left padding) is its own sequence from there:
     rows are decoded in groups of equal start."""
     options = (tuple(patterns), softmax_scale, head_shift, select_top_k, select_block_size)
-    options += (select_pooled, cache.keys.shape[2], backend)
-    position, starts = cache.length - 1, cache.starts
+    options += (select_pooled, select_query_span, cache.keys.shape[2], backend)
+    position, starts, queries = cache.length - 1, cache.starts, cache.queries
+    if select_query_span > 1 and queries is None:
+        raise ValueError("select_query_span > 1: keep the queries in the cache (keep_queries)")
     if starts is None or len(set(starts)) == 1:
         start = 0 if starts is None else starts[0]
-        return _decode_document(q, cache.window, position - start, start, *options)
+        return _decode_document(q, cache.window, queries, position - start, start, *options)
     out = None
     for start in sorted(set(starts)):
         rows = torch.tensor([i for i, s in enumerate(starts) if s == start], device=q.device)
@@ -128,19 +140,20 @@ def decode_attention(
         def window(first, rows=rows):
             return tuple(x.index_select(0, rows) for x in cache.window(first))
 
-        part = _decode_document(q[rows], window, position - start, start, *options)
+        held = None if queries is None else queries[rows]
+        part = _decode_document(q[rows], window, held, position - start, start, *options)
         out = part.new_empty((q.shape[0], *part.shape[1:])) if out is None else out
         out[rows] = part
     return out
 
 
 def _decode_document(
-    q, window, position, start, patterns, softmax_scale, head_shift, select_top_k,
-    select_block_size, select_pooled, kv_heads, backend,
+    q, window, queries, position, start, patterns, softmax_scale, head_shift, select_top_k,
+    select_block_size, select_pooled, select_query_span, kv_heads, backend,
 ) -> torch.Tensor:  # fmt: skip
     """decode_attention of rows whose documents start at `start`: `position` is the new
     token's within its document, window(first) the keys and values from absolute position
-    first on."""
+    first on, queries (b, t, h, d) the last queries before q (or None)."""
     first, plan = decode_plan(position, q.shape[2], kv_heads, patterns, head_shift)
     held = 0 if select_top_k else first  # the selected pattern reads keys from 0 on
     keys, values = window(start + held)  # (b, s, g, .)
@@ -155,9 +168,12 @@ def _decode_document(
     )  # (b, 1, h, d)
     if select_top_k:
         local = patterns[0][0]  # candidates end by the start of the first pattern's segment
+        held = min(select_query_span - 1, position)  # the document's queries before q
+        before = None if queries is None else queries[:, queries.shape[1] - held :]
         chosen = selection.forward(
             q, keys, values, select_block_size, select_top_k, local, softmax_scale, kernel,
-            query_offset=position, pooled=select_pooled,
+            query_offset=position, pooled=select_pooled, query_span=select_query_span,
+            queries_before=before,
         )  # fmt: skip
         out, _ = selection.mix(out, lse, *chosen)
     return out[..., :width].to(q.dtype)

@@ -80,6 +80,7 @@ class DilatedAttention(nn.Module):
         select_top_k: int = 0,
         select_block_size: int = 32,
         select_pooled: bool = False,
+        select_query_span: int = 1,
         attention_fn: AttentionFn = dilated_attention,
         init_gain: float | None = None,
     ):
@@ -100,10 +101,10 @@ class DilatedAttention(nn.Module):
         # Every argument of the attention call checked here, once: forward runs unchecked.
         self.patterns = check_options(
             segment_lengths, dilation_rates, causal, backend, head_shift, select_top_k,
-            select_block_size, select_pooled,
+            select_block_size, select_pooled, select_query_span,
         )  # fmt: skip
         self.select_top_k, self.select_block_size = select_top_k, select_block_size
-        self.select_pooled = select_pooled
+        self.select_pooled, self.select_query_span = select_pooled, select_query_span
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if num_heads < 1 or d_model % num_heads:
             raise ValueError(f"d_model ({d_model}) must be a multiple of num_heads ({num_heads})")
@@ -170,6 +171,7 @@ class DilatedAttention(nn.Module):
                 select_top_k=self.select_top_k,
                 select_block_size=self.select_block_size,
                 select_pooled=self.select_pooled,
+                select_query_span=self.select_query_span,
                 documents=documents,
             )
         lengths, rates = zip(*self.patterns, strict=True)
@@ -193,7 +195,11 @@ class DilatedAttention(nn.Module):
         if not self.select_top_k:
             return {}
         arguments = {"select_top_k": self.select_top_k, "select_block_size": self.select_block_size}
-        return arguments | ({"select_pooled": True} if self.select_pooled else {})
+        if self.select_pooled:
+            arguments["select_pooled"] = True
+        if self.select_query_span > 1:
+            arguments["select_query_span"] = self.select_query_span
+        return arguments
 
     def forward(
         self, x: torch.Tensor, cu_seqlens=None, attention_mask: torch.Tensor | None = None

@@ -93,6 +93,7 @@ class SelfAttention(DilatedAttention):
             select_top_k=config.select_top_k,
             select_block_size=config.select_block_size,
             select_pooled=config.select_pooled,
+            select_query_span=config.select_query_span,
             attention_fn=attention_fn,
             init_gain=gain,
         )
@@ -124,6 +125,8 @@ class SelfAttention(DilatedAttention):
             extra = k.shape[-1] - v.shape[-1]
             out = self.attend(q, k, F.pad(v, (0, extra)) if extra else v, documents)
             out = out[..., : self.head_dim]
+        if cache is not None and self.select_query_span > 1:
+            cache.keep_queries(q, self.select_query_span - 1)
         out = self.out_proj(self.inner_norm(rearrange(out, "b n h d -> b n (h d)")))
         return self.dropout(out)
 

@@ -39,7 +39,8 @@ def multiplicity(
 def selected(q, k, block_size: int, top_k: int, window: int) -> torch.Tensor:
     """(b, h, seq, seq) 1 where the content-selected pattern lets query i see key j: j lies in one
     of the top_k complete blocks that end by the start of i's segment of `window` tokens (the
-    first pattern's), ranked by q_i . mean(k of the block); float64 q (b, n, h, d) and k
+    first pattern's), ranked by q_i . mean(k of the block); float64 q (b, n, h, d) (the ranking
+    queries) and k
     (b, n, h, d) (kv heads already repeated)."""
     q, k = q.detach(), k.detach()  # the choice is piecewise constant: no gradient through it
     batch, seq_len, heads, _ = q.shape
@@ -73,10 +74,12 @@ def dense_dilated_attention(
     select_top_k=0,
     select_block_size=None,
     select_pooled=False,
+    select_query_span=1,
 ):
     """q (b, n, h, d), k and v (b, n, g, d) -> (b, n, h, d) in float64; select_top_k > 0 adds
     the content-selected pattern (causal only) as one more pattern, select_pooled the pooled one:
-    one more key per candidate block, the block's mean key with its mean value."""
+    one more key per candidate block, the block's mean key with its mean value; both rank (score)
+    by the mean of each query and the select_query_span - 1 queries before it."""
     q, k, v = q.double(), k.double(), v.double()
     batch, seq_len, heads, dim = q.shape
     group = heads // k.shape[2]
@@ -86,9 +89,13 @@ def dense_dilated_attention(
         seq_len, heads, segment_lengths, dilation_rates, causal=causal, head_shift=head_shift
     )
     counts = counts.to(q.device)
-    if select_top_k:
+    if select_top_k:  # the queries that rank the blocks (and score the pooled keys)
+        ranking = torch.stack(
+            [q[:, max(0, i - select_query_span + 1) : i + 1].mean(1) for i in range(seq_len)], 1
+        )  # (b, n, h, d)
         window = segment_lengths[0]
-        counts = counts + selected(q, k, select_block_size, select_top_k, window).to(q.device)
+        chosen = selected(ranking, k, select_block_size, select_top_k, window)
+        counts = counts + chosen.to(q.device)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale + counts.log()  # counts: (h|b h, q, k)
     if select_pooled:  # the block means as m more keys and values
         m = seq_len // select_block_size
@@ -99,7 +106,7 @@ def dense_dilated_attention(
         positions = torch.arange(seq_len, device=q.device)
         earlier = (positions - positions % segment_lengths[0]) // select_block_size  # (n,)
         candidate = torch.arange(m, device=q.device) < earlier[:, None]  # (n, m)
-        pooled = torch.einsum("bqhd,bmhd->bhqm", q, means_k) * scale
+        pooled = torch.einsum("bqhd,bmhd->bhqm", ranking, means_k) * scale
         scores = torch.cat([scores.expand(batch, -1, -1, -1), pooled + candidate.log()], dim=-1)
         counts = torch.cat([counts.expand(batch, -1, -1, -1), candidate.expand_as(pooled)], -1)
         v = torch.cat([v, means_v], dim=1)

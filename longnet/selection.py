@@ -12,6 +12,11 @@ short one. Cost per query: the candidate blocks scored plus top_k * B keys atten
 The choice of blocks is piecewise constant in q and k, so the exact gradient flows through the
 attention on the chosen blocks only (almost everywhere: not at exact ties of two scores).
 
+With query_span S > 1 a query ranks the blocks by the mean of its own and the S - 1 queries
+before it (ranking_queries) instead of its own alone, so that neighbouring queries (the digits
+of one answer) choose alike; the pooled pattern scores with that mean too, so its gradient
+reaches all S queries.
+
 Notation: b batch, n tokens, h query heads, g kv heads, d head dim, B block size, m = n // B
 complete blocks, k top_k (at most m), c queries in a chunk.
 """
@@ -52,6 +57,41 @@ def candidate_mask(positions, blocks: int, window: int, block_size: int) -> torc
     """(c, blocks) whether a query at each of the positions (c,) may read each complete block."""
     limit = candidates(positions, window, block_size)  # (c,)
     return torch.arange(blocks, device=positions.device) < limit[:, None]
+
+
+def ranking_queries(
+    q: torch.Tensor, span: int, before: torch.Tensor | None = None, query_offset: int = 0
+) -> torch.Tensor:
+    """(b, n, h, d) in the accumulation dtype: the mean of each query of q (b, n, h, d), at
+    positions query_offset .. query_offset + n - 1, and the span - 1 queries before it (all of
+    them near position 0); before (b, t, h, d) holds the t = min(span - 1, query_offset) queries
+    that precede q (another rank's, or a decoding cache's)."""
+    acc = accumulation_dtype(q.dtype)
+    if span == 1:
+        return q.to(acc)
+    x = q.to(acc) if before is None else torch.cat([before.to(acc), q.to(acc)], dim=1)
+    padded = torch.nn.functional.pad(x, (0, 0, 0, 0, span - 1, 0))  # zeros before position 0
+    sums = padded.unfold(1, span, 1).sum(-1)[:, -q.shape[1] :]  # (b, n, h, d)
+    return sums / _span_counts(q, span, query_offset)
+
+
+def _span_counts(q: torch.Tensor, span: int, query_offset: int) -> torch.Tensor:
+    """(n, 1, 1) how many queries each ranking query averages."""
+    positions = torch.arange(q.shape[1], device=q.device) + query_offset
+    return positions.clamp(max=span - 1).add(1).to(accumulation_dtype(q.dtype))[:, None, None]
+
+
+def ranking_backward(
+    grad: torch.Tensor, q: torch.Tensor, span: int, before_len: int, query_offset: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dq (b, n, h, d), d_before (b, t, h, d)) from the gradient (b, n, h, d) of
+    ranking_queries's result: each query's share of the means it is part of."""
+    if span == 1:
+        return grad, grad[:, :0]
+    shares = grad / _span_counts(q, span, query_offset)  # (b, n, h, d)
+    shares = torch.nn.functional.pad(shares, (0, 0, 0, 0, before_len, span - 1))
+    total = shares.unfold(1, span, 1).sum(-1)  # (b, t + n, h, d): the means each row is in
+    return total[:, before_len:], total[:, :before_len]
 
 
 def select_blocks(
@@ -101,13 +141,15 @@ def masks(n: int, block_size: int, top_k: int, kernel: str) -> bool:
 
 
 class _Chunk:
-    """The queries start .. end - 1 with the blocks they chose."""
+    """The queries start .. end - 1 with the blocks they chose by their ranking queries."""
 
-    def __init__(self, q, means, start, end, block_size, top_k, window, query_offset):
+    def __init__(self, q, ranking, means, start, end, block_size, top_k, window, query_offset):
         self.end, self.block_size, self.window = query_offset + end, block_size, window
         self.q = q[:, start:end]  # (b, c, h, d)
         positions = torch.arange(start, end, device=q.device) + query_offset
-        self.index, self.valid = select_blocks(self.q, means, positions, block_size, top_k, window)
+        self.index, self.valid = select_blocks(
+            ranking[:, start:end], means, positions, block_size, top_k, window
+        )
         self.blocks = means.shape[1]
 
     def mask(self, dtype) -> torch.Tensor:
@@ -153,7 +195,7 @@ def _chunks(q: torch.Tensor, keys: int, query_offset: int, block_size, top_k, wi
 
 def forward(
     q, k, v, block_size: int, top_k: int, window: int, scale: float, kernel="math", query_offset=0,
-    pooled=False,
+    pooled=False, query_span=1, queries_before=None,
 ):  # fmt: skip
     """The pattern alone, causal: q (b, n, h, d), k and v (b, s, g, d) -> out (b, n, h, d) and
     lse (b, n, h) in the accumulation dtype; lse is -inf (and out 0) for the queries with no
@@ -161,10 +203,18 @@ def forward(
     keys of positions 0 .. s - 1,
     q the queries of positions query_offset .. query_offset + n - 1 (sequence parallelism:
     the shard's queries against the keys up to its end). kernel: longnet.kernels' name of the
-    fused kernel for the masked form. pooled: mixed with the pooled pattern (pooled_forward)."""
-    if pooled:
-        chosen = forward(q, k, v, block_size, top_k, window, scale, kernel, query_offset)
-        return mix(*chosen, *pooled_forward(q, k, v, block_size, window, scale, query_offset))
+    fused kernel for the masked form. pooled: mixed with the pooled pattern (pooled_forward).
+    query_span, queries_before: how the blocks are ranked (ranking_queries)."""
+    ranking = ranking_queries(q, query_span, queries_before, query_offset)
+    chosen = _chosen_forward(q, ranking, k, v, block_size, top_k, window, scale, kernel,
+                             query_offset)  # fmt: skip
+    if not pooled:
+        return chosen
+    return mix(*chosen, *pooled_forward(ranking, k, v, block_size, window, scale, query_offset))
+
+
+def _chosen_forward(q, ranking, k, v, block_size, top_k, window, scale, kernel, query_offset):
+    """forward without the pooled pattern, the blocks ranked by `ranking` (b, n, h, d)."""
     acc = accumulation_dtype(q.dtype)
     out = torch.zeros(q.shape, dtype=acc, device=q.device)
     lse = torch.full(q.shape[:3], -math.inf, dtype=acc, device=q.device)
@@ -186,7 +236,7 @@ def forward(
     masked = masks(k.shape[1], block_size, top_k, kernel)
     tables = None if masked else tuple(_table(x.to(acc), block_size) for x in (k, v))
     for start, end in _chunks(q, k.shape[1], query_offset, block_size, top_k, window, masked):
-        chunk = _Chunk(q, means, start, end, block_size, top_k, window, query_offset)
+        chunk = _Chunk(q, ranking, means, start, end, block_size, top_k, window, query_offset)
         if nan_blocks is not None:
             readers[:, start:end] = chunk.reads(nan_blocks, kv_heads)
         if masked:
@@ -219,16 +269,30 @@ def _allowed(chunk: _Chunk) -> torch.Tensor:
 
 def backward(
     grad_out, q, k, v, out, lse, block_size: int, top_k: int, window: int, scale: float,
-    kernel="math", query_offset=0, pooled=False,
+    kernel="math", query_offset=0, pooled=False, query_span=1, queries_before=None,
 ):  # fmt: skip
-    """(dq, dk, dv) in the accumulation dtype of the pattern's part of the MIXED attention, from
-    the mixed out (b, n, h, d) and lse (b, n, h): the softmax over all patterns' keys; with the
-    pooled pattern's part when pooled."""
-    if pooled:
-        arguments = (grad_out, q, k, v, out, lse, block_size)
-        chosen = backward(*arguments, top_k, window, scale, kernel, query_offset)
-        by_means = pooled_backward(*arguments, window, scale, query_offset)
-        return tuple(a + b for a, b in zip(chosen, by_means, strict=True))
+    """(dq, dk, dv, d_before) in the accumulation dtype of the pattern's part of the MIXED
+    attention, from the mixed out (b, n, h, d) and lse (b, n, h): the softmax over all patterns'
+    keys; with the pooled pattern's part when pooled. d_before (b, t, h, d): the gradient of
+    queries_before (the pooled pattern's, through the ranking queries; zeros without it)."""
+    ranking = ranking_queries(q, query_span, queries_before, query_offset)
+    before_len = 0 if queries_before is None else queries_before.shape[1]
+    grad_q, grad_k, grad_v = _chosen_backward(
+        grad_out, q, ranking, k, v, out, lse, block_size, top_k, window, scale, kernel,
+        query_offset,
+    )  # fmt: skip
+    if not pooled:
+        return grad_q, grad_k, grad_v, grad_q.new_zeros((q.shape[0], before_len, *q.shape[2:]))
+    arguments = (grad_out, ranking, k, v, out, lse, block_size, window, scale, query_offset)
+    grad_ranking, pooled_k, pooled_v = pooled_backward(*arguments)
+    pooled_q, grad_before = ranking_backward(grad_ranking, q, query_span, before_len, query_offset)
+    return grad_q + pooled_q, grad_k + pooled_k, grad_v + pooled_v, grad_before
+
+
+def _chosen_backward(
+    grad_out, q, ranking, k, v, out, lse, block_size, top_k, window, scale, kernel, query_offset
+):
+    """backward's part of the chosen blocks, (dq, dk, dv), the blocks ranked by `ranking`."""
     acc = accumulation_dtype(q.dtype)
     grad_q = torch.zeros(q.shape, dtype=acc, device=q.device)
     grad_k = torch.zeros(k.shape, dtype=acc, device=k.device)
@@ -240,7 +304,7 @@ def backward(
         tables = tuple(_table(x.to(acc), block_size) for x in (k, v))
         grad_tables = tuple(torch.zeros_like(table) for table in tables)
     for start, end in _chunks(q, n, query_offset, block_size, top_k, window, masked):
-        chunk = _Chunk(q, means, start, end, block_size, top_k, window, query_offset)
+        chunk = _Chunk(q, ranking, means, start, end, block_size, top_k, window, query_offset)
         if masked:
             mask = chunk.mask(q.dtype)
             size = mask.shape[-1]
@@ -322,9 +386,10 @@ class _Pooled:
 def pooled_forward(q, k, v, block_size: int, window: int, scale: float, query_offset=0):
     """The pooled pattern alone (select_pooled; NSA's compressed attention, pooled by the mean):
     each query attends one key per candidate block, the block's mean key with its mean value.
-    Its scores are the ones the top-k choice ranks, so through this pattern the choice's scores
-    get a gradient. Arguments and results as in forward: out (b, n, h, d) and lse (b, n, h) in
-    the accumulation dtype, lse -inf where a query has no candidate block."""
+    Its scores are the ones the top-k choice ranks (q: the ranking queries), so through this
+    pattern the choice's scores get a gradient. Arguments and results as in forward: out
+    (b, n, h, d) and lse (b, n, h) in the accumulation dtype, lse -inf where a query has no
+    candidate block."""
     acc = accumulation_dtype(q.dtype)
     out = torch.zeros(q.shape, dtype=acc, device=q.device)
     lse = torch.full(q.shape[:3], -math.inf, dtype=acc, device=q.device)
@@ -347,8 +412,9 @@ def pooled_backward(
     grad_out, q, k, v, out, lse, block_size: int, window: int, scale: float, query_offset=0
 ):
     """(dq, dk, dv) in the accumulation dtype of the pooled pattern's part of the MIXED attention
-    (out (b, n, h, d) and lse (b, n, h) of all patterns): a block's mean passes its gradient to
-    each of its B keys (values) divided by B."""
+    (out (b, n, h, d) and lse (b, n, h) of all patterns), dq that of the queries it scored with
+    (the ranking queries): a block's mean passes its gradient to each of its B keys (values)
+    divided by B."""
     acc = accumulation_dtype(q.dtype)
     pooled = _Pooled(q, k, v, block_size, window, scale, query_offset)
     grad_q = torch.zeros(q.shape, dtype=acc, device=q.device)

@@ -29,12 +29,18 @@ CASES = {
 }
 
 
-def run(case, form, dtype=torch.float64, pooled=False):
+# (select_pooled, select_query_span) of each variant of the pattern
+VARIANTS = {"chosen": (False, 1), "pooled": (True, 1), "chosen_span3": (False, 3),
+            "pooled_span4": (True, 4)}  # fmt: skip
+
+
+def run(case, form, dtype=torch.float64, pooled=False, span=1):
     batch, n, heads, kv_heads, dim, lengths, rates, top_k, block = CASES[case]
     generator = torch.Generator().manual_seed(len(case))
     q, k, v = make_qkv(generator, batch, n, heads, kv_heads, dim, dtype=dtype)
     grad_out = randn(generator, *q.shape, dtype=dtype)
-    choice = dict(select_top_k=top_k, select_block_size=block, select_pooled=pooled)
+    choice = dict(select_top_k=top_k, select_block_size=block, select_pooled=pooled,
+                  select_query_span=span)  # fmt: skip
     fn = functools.partial(
         dilated_attention, segment_lengths=lengths, dilation_rates=rates, causal=True, **choice
     )
@@ -48,19 +54,19 @@ def run(case, form, dtype=torch.float64, pooled=False):
     return actual, outputs_and_grads(reference, q, k, v, grad_out)
 
 
-@pytest.mark.parametrize("pooled", [False, True], ids=["chosen", "pooled"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("form", ["masked", "gathered"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_matches_reference(case, form, pooled):
-    actual, expected = run(case, form, pooled=pooled)
+def test_matches_reference(case, form, variant):
+    actual, expected = run(case, form, *(torch.float64, *VARIANTS[variant]))
     for name, a, e in zip(("out", "dq", "dk", "dv"), actual, expected, strict=True):
         assert max_error(a, e) <= TOLERANCE[torch.float64], name
 
 
-@pytest.mark.parametrize("pooled", [False, True], ids=["chosen", "pooled"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("form", ["masked", "gathered"])
-def test_float32_on_the_fused_kernel(form, pooled):
-    actual, expected = run("paper_patterns", form, dtype=torch.float32, pooled=pooled)
+def test_float32_on_the_fused_kernel(form, variant):
+    actual, expected = run("paper_patterns", form, torch.float32, *VARIANTS[variant])
     for name, a, e in zip(("out", "dq", "dk", "dv"), actual, expected, strict=True):
         assert max_error(a, e) <= TOLERANCE[torch.float32], name
 
@@ -119,6 +125,9 @@ def test_reference_choice_is_by_content():
         (dict(select_top_k=2, causal=False), "needs causal=True"),
         (dict(select_pooled=True), "select_pooled=True .* got select_top_k=0"),
         (dict(select_top_k=2, select_pooled=1), "select_pooled must be True or False, got 1"),
+        (dict(select_top_k=2, select_query_span=0), "select_query_span must be an int >= 1, got 0"),
+        (dict(select_top_k=2, select_query_span=2.0), "select_query_span must be an int >= 1"),
+        (dict(select_query_span=4), "select_query_span=4 .* needs select_top_k > 0"),
     ],
 )
 def test_bad_arguments(arguments, message):
@@ -147,12 +156,48 @@ def tiny_model(**overrides):
     return LongNetLM(config).eval()
 
 
-@pytest.mark.parametrize("pooled", [False, True], ids=["chosen", "pooled"])
-def test_cached_decoding_equals_recompute(pooled):
-    model = tiny_model(select_pooled=pooled)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_cached_decoding_equals_recompute(variant):
+    pooled, span = VARIANTS[variant]
+    model = tiny_model(select_pooled=pooled, select_query_span=span)
     prompt = torch.randint(0, 264, (2, 30), generator=torch.Generator().manual_seed(0))
     cached = model.generate(prompt, 50, top_k=1)
     assert torch.equal(cached, model.generate(prompt, 50, top_k=1, use_cache=False))
+
+
+def test_cached_decoding_of_left_padded_prompts_with_a_query_span():
+    """Each row's ranking queries average its own queries only, never its padding's: a batch
+    of left-padded prompts decodes as each prompt alone."""
+    model = tiny_model(select_pooled=True, select_query_span=6)
+    generator = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 264, (n,), generator=generator) for n in (30, 21)]
+    batch = torch.zeros(2, 30, dtype=torch.long)
+    mask = torch.zeros(2, 30, dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        batch[row, 30 - len(prompt) :], mask[row, 30 - len(prompt) :] = prompt, True
+    together = model.generate(batch, 40, top_k=1, attention_mask=mask)
+    for row, prompt in enumerate(prompts):
+        alone = model.generate(prompt[None], 40, top_k=1)
+        assert torch.equal(together[row, 30 - len(prompt) :], alone[0])
+
+
+def test_the_query_span_changes_the_choice_and_trains_earlier_queries():
+    """Not a no-op: ranking by the mean of 4 queries changes the output, and through the
+    pooled pattern a query's gradient reaches the outputs of the 3 queries after it."""
+    (one, *_), _ = run("local_plus_choice", "masked", pooled=True)
+    (four, *_), _ = run("local_plus_choice", "masked", pooled=True, span=4)
+    assert max_error(four, one) > 1e-3
+    batch, n, heads, kv_heads, dim, lengths, rates, top_k, block = CASES["local_plus_choice"]
+    q, k, v = make_qkv(torch.Generator().manual_seed(3), batch, n, heads, kv_heads, dim)
+    for span, reached in ((1, False), (4, True)):
+        q.grad = None
+        out = dilated_attention(
+            q, k, v, lengths, rates, causal=True, select_top_k=top_k, select_block_size=block,
+            select_pooled=True, select_query_span=span,
+        )  # fmt: skip
+        out[:, 40].sum().backward()  # query 40 scores the pooled keys with queries 37 .. 40
+        assert bool(q.grad[:, 37:40].abs().sum() > 0) == reached
+        assert not q.grad[:, :37].any() and not q.grad[:, 41:].any()
 
 
 @pytest.mark.parametrize("form", ["masked", "gathered"])
@@ -221,7 +266,7 @@ def test_positions_are_not_wrapped():
     assert tiny_model().config.position_period is None
 
 
-def run_sequence_parallel(size, inputs, lengths, rates, top_k, block, pooled=False):
+def run_sequence_parallel(size, inputs, lengths, rates, top_k, block, pooled=False, span=1):
     group = (
         None if size == distributed_utils.WORLD_SIZE else distributed_utils.consecutive_group(size)
     )
@@ -231,7 +276,7 @@ def run_sequence_parallel(size, inputs, lengths, rates, top_k, block, pooled=Fal
     q, k, v = (x.clone().requires_grad_() for x in (q, k, v))
     out = sequence_parallel_dilated_attention(
         q, k, v, lengths, rates, group=group, causal=True, select_top_k=top_k,
-        select_block_size=block, select_pooled=pooled,
+        select_block_size=block, select_pooled=pooled, select_query_span=span,
     )  # fmt: skip
     out.backward(grad_out)
     return torch.distributed.get_rank(group), (out.detach(), q.grad, k.grad, v.grad)
@@ -239,26 +284,31 @@ def run_sequence_parallel(size, inputs, lengths, rates, top_k, block, pooled=Fal
 
 @pytest.mark.parametrize("size", [2, 4])
 @pytest.mark.parametrize(
-    "lengths, rates, top_k, block, pooled",
+    "lengths, rates, top_k, block, pooled, span",
     [
-        ([8], [1], 2, 4, False),
-        ([8, 16, 32], [1, 2, 4], 3, 8, False),
-        ([32], [4], 1, 8, False),
-        ([8, 16, 32], [1, 2, 4], 2, 4, True),
+        ([8], [1], 2, 4, False, 1),
+        ([8, 16, 32], [1, 2, 4], 3, 8, False, 1),
+        ([32], [4], 1, 8, False, 1),
+        ([8, 16, 32], [1, 2, 4], 2, 4, True, 1),
+        ([8, 16, 32], [1, 2, 4], 2, 4, True, 6),
+        ([8], [1], 2, 4, True, 13),
     ],
-    ids=["local", "spanning_patterns", "blocks_across_ranks", "pooled"],
-)
-def test_sequence_parallel_equals_one_device(size, lengths, rates, top_k, block, pooled):
+    ids=[
+        "local", "spanning_patterns", "blocks_across_ranks", "pooled", "pooled_span",
+        "span_longer_than_a_shard",  # 12 queries before: two shards of 8 at size 4
+    ],
+)  # fmt: skip
+def test_sequence_parallel_equals_one_device(size, lengths, rates, top_k, block, pooled, span):
     generator = torch.Generator().manual_seed(size)
     q, k, v = make_qkv(generator, 2, 32, 4, 2, 8)
     grad_out = randn(generator, *q.shape)
     inputs = tuple(x.detach() for x in (q, k, v, grad_out))
     results = distributed_utils.run(
-        run_sequence_parallel, size, inputs, lengths, rates, top_k, block, pooled
+        run_sequence_parallel, size, inputs, lengths, rates, top_k, block, pooled, span
     )
     fn = functools.partial(
         dilated_attention, segment_lengths=lengths, dilation_rates=rates, causal=True,
-        select_top_k=top_k, select_block_size=block, select_pooled=pooled,
+        select_top_k=top_k, select_block_size=block, select_pooled=pooled, select_query_span=span,
     )  # fmt: skip
     expected = outputs_and_grads(fn, q, k, v, grad_out)
     members = [r for r in results if r is not None]  # groups of consecutive workers

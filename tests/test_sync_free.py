@@ -27,6 +27,7 @@ CASES = {
         select_top_k=2,
         select_block_size=4,
         select_pooled=True,
+        select_query_span=6,  # the queries before a shard come from the rank before it
     ),
 }
 

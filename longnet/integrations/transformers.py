@@ -253,6 +253,12 @@ class LongNetForCausalLM(PreTrainedModel, GenerationMixin):
         if not use_cache and past_key_values is None:  # generate() asks for the cache
             out = self.longnet(input_ids, shifted, attention_mask=attention_mask)
             return CausalLMOutputWithPast(loss=out.loss, logits=out.logits)
+        if self.config.select_query_span > 1:  # a reordered cache would mix the rows' queries
+            raise ValueError(
+                f"select_query_span={self.config.select_query_span}: a transformers cache holds "
+                "keys and values, not the queries the blocks are ranked by; decode with "
+                "use_cache=False (or LongNetLM.generate)"
+            )
         if past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         cache = _CacheOf(past_key_values, len(self.blocks), None)
