@@ -87,6 +87,7 @@ EXPERIMENTS = {
             "select-pooled-seed1", "select-pooled-k32", "select-pooled-k32-seed1",
             "select-pooled-k32-seed2", "select-pooled-k32-long", "select-pooled-k40",
             "select-pooled-k32-span16", "select-pooled-k32-span16-seed1",
+            "select-pooled-k32-span16-near", "select-pooled-k32-span16-near-seed1",
         ),
         contexts=(256, 512, 1024, 2048),
         record="far-retrieval.json",
@@ -134,6 +135,7 @@ def pairs_at(model_config, length: int = COST_LENGTH) -> float:
     return pairs_per_token(
         length, config.num_heads, config.segment_lengths, config.dilation_rates,
         select_top_k=config.select_top_k, select_block_size=config.select_block_size,
+        select_within_segment=config.select_within_segment,
     )  # fmt: skip
 
 
@@ -244,6 +246,8 @@ def table(experiment: Experiment, results: dict[str, dict]) -> str:
             patterns += f" + top-{selection.select_top_k} blocks of {selection.select_block_size}"
             if selection.select_query_span > 1:
                 patterns += f" by the mean of {selection.select_query_span} queries"
+            if selection.select_within_segment:
+                patterns += ", near blocks too"
         row = [name, patterns]
         if experiment.costs:  # measured at the end of a call
             pairs = summary.get("pairs_per_token_8k")

@@ -84,7 +84,8 @@ def choice(q, k, query: int, config) -> tuple[torch.Tensor, torch.Tensor | None]
     select_query_span - 1 before it) against the mean key of each of its m candidate blocks
     (what the content-selected pattern ranks and the pooled one attends), and (h, query + 1)
     whether it chose each key (None when the pattern is off); q, k as in pattern_masses."""
-    heads, block, window = q.shape[1], config.select_block_size, config.segment_lengths[0]
+    heads, block = q.shape[1], config.select_block_size
+    window = selection.candidate_window(config.segment_lengths, block, config.select_within_segment)
     candidates = selection.candidates(query, window, block)
     means = selection.block_means(k[None, : candidates * block], block)  # (1, m, h, d)
     span = config.select_query_span

@@ -148,11 +148,12 @@ def _return_query_grads(grad_before, q, span: int, group, rank: int, world: int)
     return total[:, end : end + tail]
 
 
-def _selection(select_top_k, select_block_size, segment_lengths, rank, world):
+def _selection(select_top_k, select_block_size, within_segment, segment_lengths, rank, world):
     """(top_k, block size, window, rank, world) of the content-selected pattern, or None."""
     if not select_top_k:
         return None
-    return select_top_k, select_block_size, segment_lengths[0], rank, world
+    window = selection.candidate_window(segment_lengths, select_block_size, within_segment)
+    return select_top_k, select_block_size, window, rank, world
 
 
 def _shard_plan(q, k, segment_lengths, dilation_rates, causal, head_shift, rank, world):
@@ -175,6 +176,7 @@ def _attention_op(
     select_block_size: int,
     select_pooled: bool,
     select_query_span: int,
+    select_within_segment: bool,
     group_name: str,
     overlap: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -186,9 +188,12 @@ def _attention_op(
     # Checked here too (once per layout), since a compiled caller skips the wrapper's check.
     _agree(group_name, _describe(q, k, v, segment_lengths, dilation_rates, causal, scale, kernel,
                                  head_shift, select_top_k, select_block_size,
-                                 select_pooled, select_query_span))  # fmt: skip
+                                 select_pooled, select_query_span,
+                                 select_within_segment))  # fmt: skip
     plan = _shard_plan(q, k, segment_lengths, dilation_rates, causal, head_shift, rank, world)
-    chosen = _selection(select_top_k, select_block_size, segment_lengths, rank, world)
+    chosen = _selection(
+        select_top_k, select_block_size, select_within_segment, segment_lengths, rank, world
+    )
     acc = accumulation_dtype(q.dtype) if chosen else None
     exchange = _exchange(group, overlap)
     out, lse, received = engine.forward(
@@ -210,7 +215,8 @@ def _attention_op(
 
 @_attention_op.register_fake
 def _(q, k, v, segment_lengths, dilation_rates, causal, scale, kernel, head_shift, select_top_k,
-      select_block_size, select_pooled, select_query_span, group_name, overlap):  # fmt: skip
+      select_block_size, select_pooled, select_query_span, select_within_segment, group_name,
+      overlap):  # fmt: skip
     group = _resolve_process_group(group_name)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     plan = _shard_plan(q, k, segment_lengths, dilation_rates, causal, head_shift, rank, world)
@@ -247,6 +253,7 @@ def _attention_backward_op(
     select_block_size: int,
     select_pooled: bool,
     select_query_span: int,
+    select_within_segment: bool,
     group_name: str,
     overlap: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -258,7 +265,9 @@ def _attention_backward_op(
         grad_out, q, k, v, out, lse, received if plan.exchanges else None, plan,
         scale=scale, kernel=kernel, exchange=exchange,
     )  # fmt: skip
-    chosen = _selection(select_top_k, select_block_size, segment_lengths, rank, world)
+    chosen = _selection(
+        select_top_k, select_block_size, select_within_segment, segment_lengths, rank, world
+    )
     if not chosen:
         return grads
     top_k, block_size, window, _, _ = chosen
@@ -316,6 +325,7 @@ def _communicates(segment_lengths, shard_len: int, world: int, select_top_k: int
 def _describe(
     q, k, v, segment_lengths, dilation_rates, causal, softmax_scale, backend, head_shift,
     select_top_k, select_block_size, select_pooled=False, select_query_span=1,
+    select_within_segment=False,
 ) -> tuple[tuple[str, str], ...]:  # fmt: skip
     """(name, text) of what every rank of a group must pass alike."""
 
@@ -337,10 +347,11 @@ def _describe(
         ("softmax_scale", repr(softmax_scale)),
         ("backend", repr(backend)),
         ("head_shift", repr(head_shift)),
-        (
-            "select_top_k, select_block_size, select_pooled, select_query_span",
-            repr((select_top_k, select_block_size, select_pooled, select_query_span)),
-        ),
+        ("select_top_k", repr(select_top_k)),
+        ("select_block_size", repr(select_block_size)),
+        ("select_pooled", repr(select_pooled)),
+        ("select_query_span", repr(select_query_span)),
+        ("select_within_segment", repr(select_within_segment)),
     )
 
 
@@ -418,6 +429,7 @@ def sequence_parallel_dilated_attention(
     select_block_size: int = 32,
     select_pooled: bool = False,
     select_query_span: int = 1,
+    select_within_segment: bool = False,
     documents: Documents | None = None,
 ) -> torch.Tensor:
     """longnet.dilated_attention over a sequence split across the ranks of `group`.
@@ -433,14 +445,15 @@ def sequence_parallel_dilated_attention(
     kernels for the same cores (measured at P = 2 on 2 cores: efficiency 0.942-0.973 with it,
     0.986 without).
     select_top_k > 0 adds the content-selected pattern, select_pooled the pooled one, ranked by
-    select_query_span queries, as in dilated_attention.
+    select_query_span queries, near blocks too with select_within_segment, as in
+    dilated_attention.
     documents (longnet.varlen.Documents, each its own sequence) lie in the global rows
     (b, P * L): from cu_seqlens over the b * P * L tokens or a (b, P * L) padding mask, the same
     on every rank; causal only (longnet/distributed/documents.py).
     """
     arguments = (
         q, k, v, segment_lengths, dilation_rates, causal, softmax_scale, backend, head_shift,
-        select_top_k, select_block_size, select_pooled, select_query_span,
+        select_top_k, select_block_size, select_pooled, select_query_span, select_within_segment,
     )  # fmt: skip
     world, rank = _group_size_and_rank(group)
     group_name = _group_name(group) if world > 1 else ""
@@ -463,11 +476,13 @@ def sequence_parallel_dilated_attention(
         return attend(
             q, k, v, patterns, causal=causal, scale=scale, backend=backend,
             head_shift=head_shift, select_top_k=select_top_k, select_block_size=select_block_size,
-            select_pooled=select_pooled, select_query_span=select_query_span, documents=documents,
+            select_pooled=select_pooled, select_query_span=select_query_span,
+            select_within_segment=select_within_segment, documents=documents,
         )  # fmt: skip
     out, *_ = _attention_op(
         q, k, v, lengths, rates, causal, scale, kernel, head_shift, select_top_k,
-        select_block_size, select_pooled, select_query_span, group_name, overlap,
+        select_block_size, select_pooled, select_query_span, select_within_segment, group_name,
+        overlap,
     )  # fmt: skip
     return out
 
@@ -475,7 +490,7 @@ def sequence_parallel_dilated_attention(
 def _attention_of_documents(q, k, v, documents, patterns, scale, arguments, group, overlap):
     """sequence_parallel_dilated_attention's answer for documents over the global rows."""
     world, rank = _group_size_and_rank(group)
-    *_, causal, _, backend, head_shift, top_k, block_size, pooled, span = arguments
+    *_, causal, _, backend, head_shift, top_k, block_size, pooled, span, within = arguments
     if not causal:
         raise ValueError(
             "documents (cu_seqlens or attention_mask) under sequence parallelism run causal only: "
@@ -490,7 +505,7 @@ def _attention_of_documents(q, k, v, documents, patterns, scale, arguments, grou
     lengths, rates = ([pattern[i] for pattern in patterns] for i in (0, 1))
     options = dict(backend=backend, head_shift=head_shift, select_top_k=top_k,
                    select_block_size=block_size, select_pooled=pooled,
-                   select_query_span=span)  # fmt: skip
+                   select_query_span=span, select_within_segment=within)  # fmt: skip
 
     def attend_shard(q, k, v, own):
         return attend(q, k, v, patterns, causal=True, scale=scale, documents=own, **options)

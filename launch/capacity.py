@@ -465,6 +465,7 @@ def flops(step: Step, checkpointing: bool) -> dict:
     pairs = pairs_per_token(
         n, c.num_heads, lengths, rates, causal=True,
         head_shift=0, select_top_k=c.select_top_k, select_block_size=c.select_block_size,
+        select_within_segment=c.select_within_segment,
     )  # fmt: skip
     tokens = step.shard * step.micro_batch * step.grad_accum  # this rank's
     blocks = _counts(c)[2]

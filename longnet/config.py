@@ -60,6 +60,10 @@ class BlockConfig:
     # query and the select_query_span - 1 before it, so that the queries of one answer choose
     # alike. 1: each query by its own.
     select_query_span: int = 1
+    # select_within_segment lets the blocks of a query's own segment of the first pattern be
+    # chosen too (every complete block before its own), so that near and far keys are reached
+    # by the same circuit, as in dense attention. False: only blocks before that segment.
+    select_within_segment: bool = False
     # Memory for long sequences (docs/capacity.md). ffn_tile_tokens > 0 runs each block's FFN
     # and its norm over tiles of that many tokens, keeping only its input for backward
     # (longnet.layers.sequence_tiled): no (tokens, ffn_dim) tensor beyond one tile's; the same
@@ -93,6 +97,7 @@ class BlockConfig:
         check_selection(
             self.select_top_k, self.select_block_size, causal=True,
             select_pooled=self.select_pooled, select_query_span=self.select_query_span,
+            select_within_segment=self.select_within_segment,
         )  # fmt: skip
         flags = ("qk_norm", "bias", "activation_checkpointing", "shift_heads_by_layer")
         for name in (*flags, "offload_checkpoints"):

@@ -54,6 +54,7 @@ def pairs_per_token(
     head_shift: int = 0,
     select_top_k: int = 0,
     select_block_size: int = 32,
+    select_within_segment: bool = False,
 ) -> float:
     """Computed (query, key) pairs per token, averaged over heads (see the module docstring)."""
     total = sum(
@@ -61,6 +62,6 @@ def pairs_per_token(
         for w, r in zip(segment_lengths, dilation_rates, strict=True)
     )
     if select_top_k:
-        window = segment_lengths[0]
+        window = select_block_size if select_within_segment else segment_lengths[0]
         total += heads * selected_pairs(seq_len, select_top_k, select_block_size, window)
     return total / (heads * seq_len)

@@ -98,11 +98,12 @@ def check_head_shift(head_shift) -> int:
 
 
 def check_selection(
-    select_top_k, select_block_size, causal: bool, select_pooled=False, select_query_span=1
-) -> None:
+    select_top_k, select_block_size, causal: bool, select_pooled=False, select_query_span=1,
+    select_within_segment=False,
+) -> None:  # fmt: skip
     """ValueError naming the value unless select_top_k is an int >= 0 (0: no content-selected
-    pattern) and, when it is on, select_block_size an int >= 1 and causal True; select_pooled a
-    flag and select_query_span > 1 options that need select_top_k > 0."""
+    pattern) and, when it is on, select_block_size an int >= 1 and causal True; select_pooled,
+    select_within_segment (flags) and select_query_span > 1 options that need select_top_k > 0."""
     int_at_least("select_top_k", select_top_k, 0)
     int_at_least("select_block_size", select_block_size, 1)
     if select_top_k and not causal:
@@ -110,6 +111,11 @@ def check_selection(
     if flag("select_pooled", select_pooled) and not select_top_k:
         raise ValueError(
             "select_pooled=True (the pooled pattern of the content-selected blocks) needs "
+            f"select_top_k > 0, got select_top_k={select_top_k!r}"
+        )
+    if flag("select_within_segment", select_within_segment) and not select_top_k:
+        raise ValueError(
+            "select_within_segment=True (where the content-selected blocks may lie) needs "
             f"select_top_k > 0, got select_top_k={select_top_k!r}"
         )
     if int_at_least("select_query_span", select_query_span, 1) > 1 and not select_top_k:
@@ -121,7 +127,7 @@ def check_selection(
 
 def check_options(
     segment_lengths, dilation_rates, causal, backend, head_shift, select_top_k, select_block_size,
-    select_pooled=False, select_query_span=1,
+    select_pooled=False, select_query_span=1, select_within_segment=False,
 ) -> tuple[tuple[int, int], ...]:  # fmt: skip
     """Validated patterns ((w_1, r_1), ...) after checking every argument of a call but the
     tensors and the scale: what a layer checks once, at construction."""
@@ -129,7 +135,10 @@ def check_options(
     flag("causal", causal)
     check_head_shift(head_shift)
     choice("backend", backend, BACKENDS)
-    check_selection(select_top_k, select_block_size, causal, select_pooled, select_query_span)
+    check_selection(
+        select_top_k, select_block_size, causal, select_pooled, select_query_span,
+        select_within_segment,
+    )  # fmt: skip
     if backend == "triton" and select_top_k:
         raise ValueError(
             "select_top_k > 0 (the content-selected pattern) is not built for backend='triton'; "
@@ -152,12 +161,13 @@ def check_arguments(
     select_block_size=32,
     select_pooled=False,
     select_query_span=1,
+    select_within_segment=False,
 ) -> tuple[tuple[tuple[int, int], ...], float]:
     """Validated (patterns, scale) of a dilated attention call; ValueError naming the first bad
     argument."""
     patterns = check_options(
         segment_lengths, dilation_rates, causal, backend, head_shift, select_top_k,
-        select_block_size, select_pooled, select_query_span,
+        select_block_size, select_pooled, select_query_span, select_within_segment,
     )  # fmt: skip
     check_qkv(q, k, v)
     return patterns, resolve_softmax_scale(softmax_scale, q.shape[-1])
@@ -184,6 +194,7 @@ def _attention_op(
     select_block_size: int,
     select_pooled: bool,
     select_query_span: int,
+    select_within_segment: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     plan = _plan(q, k, segment_lengths, dilation_rates, causal, head_shift)
     if not select_top_k:
@@ -191,7 +202,7 @@ def _attention_op(
         return out, lse
     acc = accumulation_dtype(q.dtype)
     out, lse, _ = engine.forward(q, k, v, plan, scale=scale, kernel=kernel, out_dtype=acc)
-    window = segment_lengths[0]
+    window = selection.candidate_window(segment_lengths, select_block_size, select_within_segment)
     chosen = selection.forward(
         q, k, v, select_block_size, select_top_k, window, scale, kernel, pooled=select_pooled,
         query_span=select_query_span,
@@ -218,12 +229,13 @@ def _attention_backward_op(
     select_block_size: int,
     select_pooled: bool,
     select_query_span: int,
+    select_within_segment: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     plan = _plan(q, k, segment_lengths, dilation_rates, causal, head_shift)
     grads = engine.backward(grad_out, q, k, v, out, lse, None, plan, scale=scale, kernel=kernel)
     if not select_top_k:
         return grads
-    window = segment_lengths[0]
+    window = selection.candidate_window(segment_lengths, select_block_size, select_within_segment)
     *chosen, _ = selection.backward(
         grad_out, q, k, v, out, lse, select_block_size, select_top_k, window, scale, kernel,
         pooled=select_pooled, query_span=select_query_span,
@@ -259,6 +271,7 @@ def dilated_attention(
     select_block_size: int = 32,
     select_pooled: bool = False,
     select_query_span: int = 1,
+    select_within_segment: bool = False,
     cu_seqlens=None,
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -280,6 +293,8 @@ def dilated_attention(
     compressed attention), so the scores that choose the blocks get a gradient.
     select_query_span > 1 ranks the blocks (and scores the pooled keys) by the mean of each
     query and the select_query_span - 1 queries before it, so that neighbours choose alike.
+    select_within_segment lets the blocks of the query's own segment be chosen too (every
+    complete block before its own block), so near and far keys are reached alike.
 
     Documents (longnet/varlen.py): each is its own sequence (segments start at its first token,
     no key crosses its boundary), given as cu_seqlens, flash-attn's int offsets 0 = o_0 <= ...
@@ -290,7 +305,7 @@ def dilated_attention(
     """
     patterns, scale = check_arguments(
         q, k, v, segment_lengths, dilation_rates, causal, softmax_scale, backend, head_shift,
-        select_top_k, select_block_size, select_pooled, select_query_span,
+        select_top_k, select_block_size, select_pooled, select_query_span, select_within_segment,
     )  # fmt: skip
     documents = check_documents(q.shape, cu_seqlens, attention_mask)
     return attend(
@@ -306,6 +321,7 @@ def dilated_attention(
         select_block_size=select_block_size,
         select_pooled=select_pooled,
         select_query_span=select_query_span,
+        select_within_segment=select_within_segment,
         documents=documents,
     )
 
@@ -335,6 +351,7 @@ def attend(
     select_block_size: int = 32,
     select_pooled: bool = False,
     select_query_span: int = 1,
+    select_within_segment: bool = False,
     documents: varlen.Documents | None = None,
 ) -> torch.Tensor:
     """dilated_attention on arguments already checked (check_arguments, or a layer's
@@ -358,7 +375,7 @@ def attend(
     def attend_rows(q, k, v):
         out, _ = _attention_op(
             q, k, v, lengths, rates, causal, scale, kernel, head_shift, select_top_k,
-            select_block_size, select_pooled, select_query_span,
+            select_block_size, select_pooled, select_query_span, select_within_segment,
         )  # fmt: skip
         return out
 

@@ -117,6 +117,7 @@ def decode_attention(
     select_block_size: int = 32,
     select_pooled: bool = False,
     select_query_span: int = 1,
+    select_within_segment: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Dilated causal attention of the last cached position: q (b, 1, h, d) -> (b, 1, h, dv),
@@ -126,7 +127,8 @@ def decode_attention(
     A row whose tokens start later (cache.starts: left padding) is its own sequence from there:
     rows are decoded in groups of equal start."""
     options = (tuple(patterns), softmax_scale, head_shift, select_top_k, select_block_size)
-    options += (select_pooled, select_query_span, cache.keys.shape[2], backend)
+    options += (select_pooled, select_query_span, select_within_segment, cache.keys.shape[2])
+    options += (backend,)
     position, starts, queries = cache.length - 1, cache.starts, cache.queries
     if select_query_span > 1 and queries is None:
         raise ValueError("select_query_span > 1: keep the queries in the cache (keep_queries)")
@@ -149,7 +151,7 @@ def decode_attention(
 
 def _decode_document(
     q, window, queries, position, start, patterns, softmax_scale, head_shift, select_top_k,
-    select_block_size, select_pooled, select_query_span, kv_heads, backend,
+    select_block_size, select_pooled, select_query_span, select_within_segment, kv_heads, backend,
 ) -> torch.Tensor:  # fmt: skip
     """decode_attention of rows whose documents start at `start`: `position` is the new
     token's within its document, window(first) the keys and values from absolute position
@@ -167,11 +169,12 @@ def _decode_document(
         q, *plan_keys, plan, scale=softmax_scale, kernel=kernel, out_dtype=acc
     )  # (b, 1, h, d)
     if select_top_k:
-        local = patterns[0][0]  # candidates end by the start of the first pattern's segment
-        held = min(select_query_span - 1, position)  # the document's queries before q
-        before = None if queries is None else queries[:, queries.shape[1] - held :]
+        lengths = [w for w, _ in patterns]
+        segment = selection.candidate_window(lengths, select_block_size, select_within_segment)
+        count = min(select_query_span - 1, position)  # the document's queries before q
+        before = None if queries is None else queries[:, queries.shape[1] - count :]
         chosen = selection.forward(
-            q, keys, values, select_block_size, select_top_k, local, softmax_scale, kernel,
+            q, keys, values, select_block_size, select_top_k, segment, softmax_scale, kernel,
             query_offset=position, pooled=select_pooled, query_span=select_query_span,
             queries_before=before,
         )  # fmt: skip

@@ -81,6 +81,7 @@ class DilatedAttention(nn.Module):
         select_block_size: int = 32,
         select_pooled: bool = False,
         select_query_span: int = 1,
+        select_within_segment: bool = False,
         attention_fn: AttentionFn = dilated_attention,
         init_gain: float | None = None,
     ):
@@ -101,10 +102,11 @@ class DilatedAttention(nn.Module):
         # Every argument of the attention call checked here, once: forward runs unchecked.
         self.patterns = check_options(
             segment_lengths, dilation_rates, causal, backend, head_shift, select_top_k,
-            select_block_size, select_pooled, select_query_span,
+            select_block_size, select_pooled, select_query_span, select_within_segment,
         )  # fmt: skip
         self.select_top_k, self.select_block_size = select_top_k, select_block_size
         self.select_pooled, self.select_query_span = select_pooled, select_query_span
+        self.select_within_segment = select_within_segment
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if num_heads < 1 or d_model % num_heads:
             raise ValueError(f"d_model ({d_model}) must be a multiple of num_heads ({num_heads})")
@@ -172,6 +174,7 @@ class DilatedAttention(nn.Module):
                 select_block_size=self.select_block_size,
                 select_pooled=self.select_pooled,
                 select_query_span=self.select_query_span,
+                select_within_segment=self.select_within_segment,
                 documents=documents,
             )
         lengths, rates = zip(*self.patterns, strict=True)
@@ -199,6 +202,8 @@ class DilatedAttention(nn.Module):
             arguments["select_pooled"] = True
         if self.select_query_span > 1:
             arguments["select_query_span"] = self.select_query_span
+        if self.select_within_segment:
+            arguments["select_within_segment"] = True
         return arguments
 
     def forward(

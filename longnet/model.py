@@ -94,6 +94,7 @@ class SelfAttention(DilatedAttention):
             select_block_size=config.select_block_size,
             select_pooled=config.select_pooled,
             select_query_span=config.select_query_span,
+            select_within_segment=config.select_within_segment,
             attention_fn=attention_fn,
             init_gain=gain,
         )

@@ -75,11 +75,14 @@ def dense_dilated_attention(
     select_block_size=None,
     select_pooled=False,
     select_query_span=1,
+    select_within_segment=False,
 ):
     """q (b, n, h, d), k and v (b, n, g, d) -> (b, n, h, d) in float64; select_top_k > 0 adds
     the content-selected pattern (causal only) as one more pattern, select_pooled the pooled one:
     one more key per candidate block, the block's mean key with its mean value; both rank (score)
-    by the mean of each query and the select_query_span - 1 queries before it."""
+    by the mean of each query and the select_query_span - 1 queries before it; their candidates
+    end by the start of the query's segment of the first pattern, or of its own block with
+    select_within_segment."""
     q, k, v = q.double(), k.double(), v.double()
     batch, seq_len, heads, dim = q.shape
     group = heads // k.shape[2]
@@ -93,7 +96,7 @@ def dense_dilated_attention(
         ranking = torch.stack(
             [q[:, max(0, i - select_query_span + 1) : i + 1].mean(1) for i in range(seq_len)], 1
         )  # (b, n, h, d)
-        window = segment_lengths[0]
+        window = select_block_size if select_within_segment else segment_lengths[0]
         chosen = selected(ranking, k, select_block_size, select_top_k, window)
         counts = counts + chosen.to(q.device)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale + counts.log()  # counts: (h|b h, q, k)
@@ -104,7 +107,7 @@ def dense_dilated_attention(
             for x in (k, v)
         )  # (b, m, h, d)
         positions = torch.arange(seq_len, device=q.device)
-        earlier = (positions - positions % segment_lengths[0]) // select_block_size  # (n,)
+        earlier = (positions - positions % window) // select_block_size  # (n,)
         candidate = torch.arange(m, device=q.device) < earlier[:, None]  # (n, m)
         pooled = torch.einsum("bqhd,bmhd->bhqm", ranking, means_k) * scale
         scores = torch.cat([scores.expand(batch, -1, -1, -1), pooled + candidate.log()], dim=-1)

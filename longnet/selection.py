@@ -47,6 +47,14 @@ def block_means(k: torch.Tensor, block_size: int) -> torch.Tensor:
     return blocks.to(accumulation_dtype(k.dtype)).mean(2)
 
 
+def candidate_window(segment_lengths, block_size: int, within_segment: bool) -> int:
+    """The `window` of the functions here: the first pattern's w_1 (a query's candidates end by
+    the start of its segment, whose keys that pattern shows anyway) or, within_segment, the block
+    size (every complete block before the query's own: the near keys reached by the same circuit
+    as the far ones, as in dense attention)."""
+    return block_size if within_segment else segment_lengths[0]
+
+
 def candidates(positions, window: int, block_size: int):
     """How many complete blocks a query at each position chooses from: those that end by the
     start of its segment of `window` tokens (the first pattern's, whose keys it sees anyway)."""

@@ -29,18 +29,19 @@ CASES = {
 }
 
 
-# (select_pooled, select_query_span) of each variant of the pattern
-VARIANTS = {"chosen": (False, 1), "pooled": (True, 1), "chosen_span3": (False, 3),
-            "pooled_span4": (True, 4)}  # fmt: skip
+# (select_pooled, select_query_span, select_within_segment) of each variant of the pattern
+VARIANTS = {"chosen": (False, 1, False), "pooled": (True, 1, False),
+            "chosen_span3": (False, 3, False), "pooled_span4": (True, 4, False),
+            "chosen_near": (False, 1, True), "pooled_span4_near": (True, 4, True)}  # fmt: skip
 
 
-def run(case, form, dtype=torch.float64, pooled=False, span=1):
+def run(case, form, dtype=torch.float64, pooled=False, span=1, near=False):
     batch, n, heads, kv_heads, dim, lengths, rates, top_k, block = CASES[case]
     generator = torch.Generator().manual_seed(len(case))
     q, k, v = make_qkv(generator, batch, n, heads, kv_heads, dim, dtype=dtype)
     grad_out = randn(generator, *q.shape, dtype=dtype)
     choice = dict(select_top_k=top_k, select_block_size=block, select_pooled=pooled,
-                  select_query_span=span)  # fmt: skip
+                  select_query_span=span, select_within_segment=near)  # fmt: skip
     fn = functools.partial(
         dilated_attention, segment_lengths=lengths, dilation_rates=rates, causal=True, **choice
     )
@@ -116,6 +117,24 @@ def test_reference_choice_is_by_content():
     assert selected(q, k, 4, 1, 8)[0, 0, 11].nonzero().flatten().tolist() == [4, 5, 6, 7]
 
 
+def test_near_blocks_are_candidates_with_select_within_segment():
+    """A query's own segment of the first pattern holds candidates only within_segment: there
+    the key block that matches it is chosen (and read twice, locally and as a choice)."""
+    q = torch.zeros(1, 16, 1, 2, dtype=torch.float64)
+    k = torch.zeros(1, 16, 1, 2, dtype=torch.float64)
+    v = torch.arange(32, dtype=torch.float64).view(1, 16, 1, 2)
+    q[0, 13, 0] = torch.tensor([1.0, 0.0])
+    k[0, 4:8, 0] = torch.tensor([5.0, 0.0])  # block 1 of 4 tokens, in the segment [0, 16)
+    local = dilated_attention(q, k, v, [16], [1], causal=True)
+    choice = dict(causal=True, select_top_k=1, select_block_size=4)
+    far = dilated_attention(q, k, v, [16], [1], **choice)
+    near = dilated_attention(q, k, v, [16], [1], select_within_segment=True, **choice)
+    assert torch.allclose(far, local)  # no complete block before the segment
+    assert torch.allclose(near[0, :4], local[0, :4])  # no complete block before their own
+    assert (near[0, 13] - local[0, 13]).abs().max() > 1e-3
+    assert selected(q, k, 4, 1, 4)[0, 0, 13].nonzero().flatten().tolist() == [4, 5, 6, 7]
+
+
 @pytest.mark.parametrize(
     "arguments, message",
     [
@@ -128,6 +147,8 @@ def test_reference_choice_is_by_content():
         (dict(select_top_k=2, select_query_span=0), "select_query_span must be an int >= 1, got 0"),
         (dict(select_top_k=2, select_query_span=2.0), "select_query_span must be an int >= 1"),
         (dict(select_query_span=4), "select_query_span=4 .* needs select_top_k > 0"),
+        (dict(select_within_segment=True), "select_within_segment=True .* got select_top_k=0"),
+        (dict(select_top_k=2, select_within_segment="yes"), "select_within_segment must be True"),
     ],
 )
 def test_bad_arguments(arguments, message):
@@ -158,8 +179,8 @@ def tiny_model(**overrides):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_cached_decoding_equals_recompute(variant):
-    pooled, span = VARIANTS[variant]
-    model = tiny_model(select_pooled=pooled, select_query_span=span)
+    pooled, span, near = VARIANTS[variant]
+    model = tiny_model(select_pooled=pooled, select_query_span=span, select_within_segment=near)
     prompt = torch.randint(0, 264, (2, 30), generator=torch.Generator().manual_seed(0))
     cached = model.generate(prompt, 50, top_k=1)
     assert torch.equal(cached, model.generate(prompt, 50, top_k=1, use_cache=False))
@@ -168,7 +189,7 @@ def test_cached_decoding_equals_recompute(variant):
 def test_cached_decoding_of_left_padded_prompts_with_a_query_span():
     """Each row's ranking queries average its own queries only, never its padding's: a batch
     of left-padded prompts decodes as each prompt alone."""
-    model = tiny_model(select_pooled=True, select_query_span=6)
+    model = tiny_model(select_pooled=True, select_query_span=6, select_within_segment=True)
     generator = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 264, (n,), generator=generator) for n in (30, 21)]
     batch = torch.zeros(2, 30, dtype=torch.long)
@@ -266,7 +287,7 @@ def test_positions_are_not_wrapped():
     assert tiny_model().config.position_period is None
 
 
-def run_sequence_parallel(size, inputs, lengths, rates, top_k, block, pooled=False, span=1):
+def run_sequence_parallel(size, inputs, lengths, rates, top_k, block, pooled, span, near):
     group = (
         None if size == distributed_utils.WORLD_SIZE else distributed_utils.consecutive_group(size)
     )
@@ -277,6 +298,7 @@ def run_sequence_parallel(size, inputs, lengths, rates, top_k, block, pooled=Fal
     out = sequence_parallel_dilated_attention(
         q, k, v, lengths, rates, group=group, causal=True, select_top_k=top_k,
         select_block_size=block, select_pooled=pooled, select_query_span=span,
+        select_within_segment=near,
     )  # fmt: skip
     out.backward(grad_out)
     return torch.distributed.get_rank(group), (out.detach(), q.grad, k.grad, v.grad)
@@ -284,31 +306,36 @@ def run_sequence_parallel(size, inputs, lengths, rates, top_k, block, pooled=Fal
 
 @pytest.mark.parametrize("size", [2, 4])
 @pytest.mark.parametrize(
-    "lengths, rates, top_k, block, pooled, span",
+    "lengths, rates, top_k, block, pooled, span, near",
     [
-        ([8], [1], 2, 4, False, 1),
-        ([8, 16, 32], [1, 2, 4], 3, 8, False, 1),
-        ([32], [4], 1, 8, False, 1),
-        ([8, 16, 32], [1, 2, 4], 2, 4, True, 1),
-        ([8, 16, 32], [1, 2, 4], 2, 4, True, 6),
-        ([8], [1], 2, 4, True, 13),
+        ([8], [1], 2, 4, False, 1, False),
+        ([8, 16, 32], [1, 2, 4], 3, 8, False, 1, False),
+        ([32], [4], 1, 8, False, 1, False),
+        ([8, 16, 32], [1, 2, 4], 2, 4, True, 1, False),
+        ([8, 16, 32], [1, 2, 4], 2, 4, True, 6, False),
+        ([8], [1], 2, 4, True, 13, False),
+        ([32], [4], 2, 4, True, 3, True),
     ],
     ids=[
         "local", "spanning_patterns", "blocks_across_ranks", "pooled", "pooled_span",
         "span_longer_than_a_shard",  # 12 queries before: two shards of 8 at size 4
+        "near_blocks",  # the blocks of a segment that spans ranks
     ],
 )  # fmt: skip
-def test_sequence_parallel_equals_one_device(size, lengths, rates, top_k, block, pooled, span):
+def test_sequence_parallel_equals_one_device(
+    size, lengths, rates, top_k, block, pooled, span, near
+):
     generator = torch.Generator().manual_seed(size)
     q, k, v = make_qkv(generator, 2, 32, 4, 2, 8)
     grad_out = randn(generator, *q.shape)
     inputs = tuple(x.detach() for x in (q, k, v, grad_out))
     results = distributed_utils.run(
-        run_sequence_parallel, size, inputs, lengths, rates, top_k, block, pooled, span
+        run_sequence_parallel, size, inputs, lengths, rates, top_k, block, pooled, span, near
     )
     fn = functools.partial(
         dilated_attention, segment_lengths=lengths, dilation_rates=rates, causal=True,
         select_top_k=top_k, select_block_size=block, select_pooled=pooled, select_query_span=span,
+        select_within_segment=near,
     )  # fmt: skip
     expected = outputs_and_grads(fn, q, k, v, grad_out)
     members = [r for r in results if r is not None]  # groups of consecutive workers
@@ -355,13 +382,18 @@ def test_pairs_count_what_the_reference_lets_through(n, lengths, rates, shift, c
     assert pairs_per_token(n, heads, lengths, rates, causal=causal, head_shift=shift) == expected
 
 
-def test_selected_pairs_and_the_issue_figures():
-    n, heads, top_k, block, window = 45, 2, 3, 4, 6
+@pytest.mark.parametrize("near", [False, True])
+def test_selected_pairs_and_the_issue_figures(near):
+    n, heads, top_k, block, first = 45, 2, 3, 4, 6
+    window = block if near else first  # where the candidates end
     q = torch.randn(1, n, heads, 4, dtype=torch.float64)
     attended = selected(q, q, block, top_k, window).sum().item()
     scored = heads * sum(p // window * window // block for p in range(n))
-    total = pairs_per_token(n, heads, [window], [6], select_top_k=top_k, select_block_size=block)
-    local = pairs_per_token(n, heads, [window], [6])
+    total = pairs_per_token(
+        n, heads, [first], [6], select_top_k=top_k, select_block_size=block,
+        select_within_segment=near,
+    )  # fmt: skip
+    local = pairs_per_token(n, heads, [first], [6])
     assert total == local + (attended + scored) / (heads * n)
     assert pairs_per_token(8192, 4, [8192], [1]) == 4096.5  # dense causal
     paper = pairs_per_token(8192, 4, [256, 512, 1024, 2048, 4096, 8192], [1, 2, 4, 8, 16, 32])

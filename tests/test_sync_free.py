@@ -28,6 +28,7 @@ CASES = {
         select_block_size=4,
         select_pooled=True,
         select_query_span=6,  # the queries before a shard come from the rank before it
+        select_within_segment=True,
     ),
 }
 
