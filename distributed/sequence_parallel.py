@@ -129,10 +129,12 @@ def _queries_before(q, span: int, group, rank: int, world: int) -> torch.Tensor:
     gathered = [torch.empty_like(tail) for _ in range(world)]
     dist.all_gather(gathered, tail, group=group)
     held = min(span - 1, rank * q.shape[1])
-    return torch.cat(gathered[:rank] + [tail[:, :0]], dim=1)[:, rank * tail.shape[1] - held :]
+    before = torch.cat(gathered[:rank] + [tail[:, :0]], dim=1)[:, rank * tail.shape[1] - held :]
+    return before.contiguous()  # as the fake kernel's, and without the rest of the buffer
 
 
 def _tail_len(q, span: int) -> int:
+    """T: how many of a shard's last queries the shards after it may average."""
     return min(q.shape[1], span - 1)
 
 
@@ -276,7 +278,7 @@ def _attention_backward_op(
         rank * q.shape[1], pooled=select_pooled, query_span=select_query_span,
         queries_before=queries_before,
     )  # fmt: skip
-    if select_query_span > 1:
+    if select_query_span > 1 and select_pooled:  # without it, no gradient reaches them
         tail = _return_query_grads(grad_before, q, select_query_span, group, rank, world)
         grad_q[:, q.shape[1] - tail.shape[1] :] += tail
     grad_k, grad_v = _return_to_owners(torch.stack([grad_keys, grad_values]), group, rank, world)
@@ -288,7 +290,7 @@ register_attention_autograd(_attention_op, _attention_backward_op)
 
 def communication(
     q, k, v, segment_lengths, dilation_rates, *, group=None, causal=False, head_shift=0,
-    select_top_k=0, select_block_size=32, select_query_span=1,
+    select_top_k=0, select_block_size=32, select_pooled=False, select_query_span=1,
 ) -> Communication:  # fmt: skip
     """The bytes this rank sends and receives when it calls sequence_parallel_dilated_attention
     with these arguments (forward and backward), from the plan: nothing runs."""
@@ -307,10 +309,12 @@ def communication(
         shard = 2 * k.numel()
         forward = [b + (world - 1) * shard * k.element_size() for b in forward]
         backward = [b + world * shard * acc_size for b in backward]
-        # and the same of the queries' tails that the ranking queries average
+        # and the same of the queries' tails that the ranking queries average (their
+        # gradients only through the pooled pattern)
         tail = q.shape[0] * _tail_len(q, select_query_span) * q.shape[2] * q.shape[3]
         forward = [b + (world - 1) * tail * q.element_size() for b in forward]
-        backward = [b + world * tail * acc_size for b in backward]
+        if select_pooled:
+            backward = [b + world * tail * acc_size for b in backward]
     return Communication(*forward, *backward)
 
 

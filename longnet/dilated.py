@@ -118,7 +118,8 @@ def check_selection(
             "select_within_segment=True (where the content-selected blocks may lie) needs "
             f"select_top_k > 0, got select_top_k={select_top_k!r}"
         )
-    if int_at_least("select_query_span", select_query_span, 1) > 1 and not select_top_k:
+    int_at_least("select_query_span", select_query_span, 1)
+    if select_query_span > 1 and not select_top_k:
         raise ValueError(
             f"select_query_span={select_query_span!r} (how the content-selected blocks are "
             f"ranked) needs select_top_k > 0, got select_top_k={select_top_k!r}"

@@ -66,7 +66,8 @@ class LayerCache:
     def keep_queries(self, q: torch.Tensor, count: int) -> None:
         """Keep the last `count` of the kept queries followed by q (b, n, h, d)."""
         held = q if self.queries is None else torch.cat([self.queries, q], dim=1)
-        self.queries = held[:, max(0, held.shape[1] - count) :]
+        # a copy: a view would keep the whole prompt's queries alive
+        self.queries = held[:, max(0, held.shape[1] - count) :].clone()
 
     def window(self, first: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys (b, s, g, d) and values (b, s, g, dv) of positions first .. length - 1: views

@@ -40,8 +40,7 @@ def selected(q, k, block_size: int, top_k: int, window: int) -> torch.Tensor:
     """(b, h, seq, seq) 1 where the content-selected pattern lets query i see key j: j lies in one
     of the top_k complete blocks that end by the start of i's segment of `window` tokens (the
     first pattern's), ranked by q_i . mean(k of the block); float64 q (b, n, h, d) (the ranking
-    queries) and k
-    (b, n, h, d) (kv heads already repeated)."""
+    queries) and k (b, n, h, d) (kv heads already repeated)."""
     q, k = q.detach(), k.detach()  # the choice is piecewise constant: no gradient through it
     batch, seq_len, heads, _ = q.shape
     counts = torch.zeros(batch, heads, seq_len, seq_len, dtype=torch.float64)

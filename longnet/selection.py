@@ -70,13 +70,20 @@ def candidate_mask(positions, blocks: int, window: int, block_size: int) -> torc
 def ranking_queries(
     q: torch.Tensor, span: int, before: torch.Tensor | None = None, query_offset: int = 0
 ) -> torch.Tensor:
-    """(b, n, h, d) in the accumulation dtype: the mean of each query of q (b, n, h, d), at
-    positions query_offset .. query_offset + n - 1, and the span - 1 queries before it (all of
-    them near position 0); before (b, t, h, d) holds the t = min(span - 1, query_offset) queries
-    that precede q (another rank's, or a decoding cache's)."""
-    acc = accumulation_dtype(q.dtype)
+    """(b, n, h, d): the mean of each query of q (b, n, h, d), at positions query_offset ..
+    query_offset + n - 1, and the span - 1 queries before it (all of them near position 0), in
+    the accumulation dtype; q itself for span 1 (the callers cast it a chunk at a time). before
+    (b, t, h, d) holds the t = min(span - 1, query_offset) queries that precede q (another
+    rank's, or a decoding cache's)."""
     if span == 1:
-        return q.to(acc)
+        return q
+    held = 0 if before is None else before.shape[1]
+    if held != min(span - 1, query_offset):  # the counts below assume them all
+        raise ValueError(
+            f"a query span of {span} at offset {query_offset} needs the "
+            f"{min(span - 1, query_offset)} queries before it, got {held}"
+        )
+    acc = accumulation_dtype(q.dtype)
     x = q.to(acc) if before is None else torch.cat([before.to(acc), q.to(acc)], dim=1)
     padded = torch.nn.functional.pad(x, (0, 0, 0, 0, span - 1, 0))  # zeros before position 0
     sums = padded.unfold(1, span, 1).sum(-1)[:, -q.shape[1] :]  # (b, n, h, d)
@@ -214,8 +221,9 @@ def forward(
     fused kernel for the masked form. pooled: mixed with the pooled pattern (pooled_forward).
     query_span, queries_before: how the blocks are ranked (ranking_queries)."""
     ranking = ranking_queries(q, query_span, queries_before, query_offset)
-    chosen = _chosen_forward(q, ranking, k, v, block_size, top_k, window, scale, kernel,
-                             query_offset)  # fmt: skip
+    chosen = _chosen_forward(
+        q, ranking, k, v, block_size, top_k, window, scale, kernel, query_offset
+    )
     if not pooled:
         return chosen
     return mix(*chosen, *pooled_forward(ranking, k, v, block_size, window, scale, query_offset))

@@ -15,6 +15,7 @@ from conftest import TOLERANCE, make_qkv, max_error, outputs_and_grads, randn
 from longnet import LongNetConfig, LongNetLM, dilated_attention, selection
 from longnet.cost import pairs_per_token
 from longnet.distributed import sequence_parallel_dilated_attention, shard_sequence
+from longnet.generation import KVCache
 from longnet.reference import dense_dilated_attention, multiplicity, selected
 
 # (batch, seq, heads, kv_heads, dim, segment_lengths, dilation_rates, top_k, block_size)
@@ -191,15 +192,34 @@ def test_cached_decoding_of_left_padded_prompts_with_a_query_span():
     of left-padded prompts decodes as each prompt alone."""
     model = tiny_model(select_pooled=True, select_query_span=6, select_within_segment=True)
     generator = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(0, 264, (n,), generator=generator) for n in (30, 21)]
-    batch = torch.zeros(2, 30, dtype=torch.long)
-    mask = torch.zeros(2, 30, dtype=torch.bool)
+    prompts = [torch.randint(0, 264, (n,), generator=generator) for n in (30, 21, 3)]
+    batch = torch.zeros(3, 30, dtype=torch.long)  # the last row holds fewer than 5 queries
+    mask = torch.zeros(3, 30, dtype=torch.bool)
     for row, prompt in enumerate(prompts):
         batch[row, 30 - len(prompt) :], mask[row, 30 - len(prompt) :] = prompt, True
     together = model.generate(batch, 40, top_k=1, attention_mask=mask)
     for row, prompt in enumerate(prompts):
         alone = model.generate(prompt[None], 40, top_k=1)
         assert torch.equal(together[row, 30 - len(prompt) :], alone[0])
+
+
+def test_a_query_span_needs_every_query_before_it():
+    """Too few (or too many) earlier queries would shift every mean: refused, not averaged."""
+    q = torch.zeros(1, 4, 2, 8)
+    with pytest.raises(ValueError, match="span of 4 at offset 10 needs the 3 queries before it"):
+        selection.ranking_queries(q, 4, q[:, :1], query_offset=10)
+    means = selection.ranking_queries(torch.ones(1, 4, 2, 8), 4, q[:, :2], query_offset=2)
+    assert torch.equal(means[0, :, 0, 0], torch.tensor([1 / 3, 2 / 4, 3 / 4, 1.0]))
+
+
+def test_decoding_keeps_only_the_last_queries():
+    """keep_queries holds copies of the last span - 1 queries, not views of the prompt's."""
+    model = tiny_model(select_query_span=3)
+    cache = KVCache(len(model.blocks), 64)
+    model.hidden_states(torch.zeros(1, 40, dtype=torch.long), cache=cache)
+    for layer in cache.layers:
+        assert layer.queries.shape[1] == 2
+        assert layer.queries.untyped_storage().nbytes() == layer.queries.nbytes
 
 
 def test_the_query_span_changes_the_choice_and_trains_earlier_queries():

@@ -253,7 +253,7 @@ class LongNetForCausalLM(PreTrainedModel, GenerationMixin):
         if not use_cache and past_key_values is None:  # generate() asks for the cache
             out = self.longnet(input_ids, shifted, attention_mask=attention_mask)
             return CausalLMOutputWithPast(loss=out.loss, logits=out.logits)
-        if self.config.select_query_span > 1:  # a reordered cache would mix the rows' queries
+        if self.config.select_query_span > 1:
             raise ValueError(
                 f"select_query_span={self.config.select_query_span}: a transformers cache holds "
                 "keys and values, not the queries the blocks are ranked by; decode with "
