@@ -1,7 +1,7 @@
 """Which layers, heads and patterns carry a pass key to the answer (docs/long-context.md).
 
     python benchmarks/passkey_attribution.py RUN_OR_MODEL_DIR --context 1024 [--windows 40]
-        [--eval eval.json] [--output attribution.json]
+        [--eval eval.json] [--output attribution.json] [--rank-span S]
 
 For each window of the pass-key task (the prompts launch/evaluate.py builds, same seed), the
 query at the last prompt position (the one that predicts the first digit) attends, in every
@@ -16,12 +16,16 @@ answer query and the key share a head's offset class in the one pattern that rea
 
 Output: JSON with `by_residue` and `mass` ({layer, head, pattern, mass_exact, mass_failed}:
 mean mass over the windows decoded exactly and over the others; without --eval every window
-counts as failed), and a printed summary.
+counts as failed), `key_block_chosen` (how often the content-selected pattern chose the key's
+block, per answer query and per depth), and a printed summary. --rank-span S measures the
+choice as if the blocks were ranked by the mean of S queries (select_query_span), the model
+otherwise unchanged: what such a ranking would choose with the trained weights.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -147,13 +151,18 @@ def capture(model):
 
 
 @torch.no_grad()
-def masses(model, corpus, context: int, count: int, seed: int, exact: dict) -> list[dict]:
+def masses(
+    model, corpus, context: int, count: int, seed: int, exact: dict, rank_span: int | None = None
+) -> list[dict]:
     """Mean mass per (layer, head, pattern) over exactly decoded and failed windows."""
     traced, captured = capture(model)
     config = model.config
     sums = {True: 0.0, False: 0.0}
     counts = {True: 0, False: 0}
-    recall = Recall(config) if config.select_top_k else None
+    ranked = (
+        config if rank_span is None else dataclasses.replace(config, select_query_span=rank_span)
+    )
+    recall = Recall(ranked) if config.select_top_k else None
     base = windows(corpus, context, count)
     for depth in DEPTHS:
         rng = np.random.default_rng([seed, context, round(depth * 1000)])
@@ -174,7 +183,7 @@ def masses(model, corpus, context: int, count: int, seed: int, exact: dict) -> l
             sums[right] = sums[right] + torch.stack(per_layer)  # (layers, h, patterns)
             counts[right] += 1
             if recall is not None:
-                recall.add(layers, start - 1, keys)
+                recall.add(layers, start - 1, keys, depth)
     labels = [
         f"{w}/{r}" for w, r in zip(config.segment_lengths, config.dilation_rates, strict=True)
     ]
@@ -209,8 +218,9 @@ class Recall:
         self.by_digit = torch.zeros(config.num_layers, config.num_heads, DIGITS)
         self.every_digit_by_head = torch.zeros(config.num_layers, config.num_heads)
         self.every_digit_by_some_head = 0
+        self.first_digit_by_depth = {}  # depth: [windows, (layers, h) chosen for digit 1]
 
-    def add(self, layers, first_query: int, keys: list[int]) -> None:
+    def add(self, layers, first_query: int, keys: list[int], depth: float) -> None:
         block, window = self.config.select_block_size, self.config.segment_lengths[0]
         if keys[0] // block >= selection.candidates(first_query, window, block):
             return
@@ -227,6 +237,9 @@ class Recall:
             ]
         )  # (layers, h, digits)
         self.windows += 1
+        cell = self.first_digit_by_depth.setdefault(depth, [0, torch.zeros(chosen.shape[:2])])
+        cell[0] += 1
+        cell[1] += chosen[..., 0].double()
         self.by_digit += chosen.double()
         self.every_digit_by_head += chosen.all(-1).double()
         self.every_digit_by_some_head += int(chosen.any(0).any(0).all())
@@ -235,6 +248,11 @@ class Recall:
         share = 1 / max(1, self.windows)
         return {
             "windows": self.windows,
+            "select_query_span": self.config.select_query_span,
+            "first_digit_by_depth": {
+                str(depth): {"windows": windows, "by_head": (chosen / windows).tolist()}
+                for depth, (windows, chosen) in self.first_digit_by_depth.items()
+            },
             "every_digit_by_some_head": self.every_digit_by_some_head * share,
             "heads": [
                 {
@@ -261,6 +279,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval", type=Path, help="eval.json of the model, for by_residue")
     parser.add_argument("--output", type=Path, default=Path("attribution.json"))
+    parser.add_argument(
+        "--rank-span", type=int, help="measure the choice ranked by the mean of this many queries"
+    )
     args = parser.parse_args(argv)
     model, data = load_model(args.model, None)
     data.passkey_fraction, data.seq_len_schedule = 0.0, None
@@ -272,7 +293,9 @@ def main(argv: list[str] | None = None) -> None:
         index = sum(1 for key in exact if key[0] == record["depth"])
         exact[(record["depth"], index)] = record["exact"]
     rate = max(model.config.dilation_rates)
-    rows, chosen, counts = masses(model, corpus, args.context, args.windows, args.seed, exact)
+    rows, chosen, counts = masses(
+        model, corpus, args.context, args.windows, args.seed, exact, args.rank_span
+    )
     result = {
         "model": str(args.model),
         "context": args.context,
@@ -306,9 +329,18 @@ def main(argv: list[str] | None = None) -> None:
             f"for all five digits by some head {chosen['every_digit_by_some_head']:.0%}; per "
             "head (layer, head): by digit | all five"
         )
-        for r in sorted(chosen["heads"], key=lambda r: -r["by_digit"][0])[:6]:
+        for r in sorted(chosen["heads"], key=lambda r: -r["every_digit"])[:6]:
             digits = " ".join(f"{x:.0%}" for x in r["by_digit"])
             print(f"  L{r['layer']} h{r['head']}: {digits} | {r['every_digit']:.0%}")
+        print("first digit's query, key block chosen by depth: the heads that chose it in > 30%")
+        for depth, cell in chosen["first_digit_by_depth"].items():
+            heads = [
+                f"L{layer}h{head}:{share:.0%}"
+                for layer, row in enumerate(cell["by_head"])
+                for head, share in enumerate(row)
+                if share > 0.3
+            ]
+            print(f"  depth {depth} ({cell['windows']} windows): {' '.join(heads) or '-'}")
 
 
 if __name__ == "__main__":
