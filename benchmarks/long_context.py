@@ -88,7 +88,7 @@ EXPERIMENTS = {
             "select-pooled-k32-seed2", "select-pooled-k32-long", "select-pooled-k40",
             "select-pooled-k32-span16", "select-pooled-k32-span16-seed1",
             "select-pooled-k32-span16-near", "select-pooled-k32-near",
-            "select-pooled-k32-near-seed1",
+            "select-pooled-k32-near-seed1", "select-pooled-k32-nope",
         ),
         contexts=(256, 512, 1024, 2048),
         record="far-retrieval.json",
