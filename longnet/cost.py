@@ -12,6 +12,7 @@ tokens costs (n + 1) / 2.
 from __future__ import annotations
 
 from longnet.plan import offset_class
+from longnet.selection import candidate_window
 
 
 def _kept(length: int, offset: int, rate: int) -> int:
@@ -62,6 +63,6 @@ def pairs_per_token(
         for w, r in zip(segment_lengths, dilation_rates, strict=True)
     )
     if select_top_k:
-        window = select_block_size if select_within_segment else segment_lengths[0]
+        window = candidate_window(segment_lengths, select_block_size, select_within_segment)
         total += heads * selected_pairs(seq_len, select_top_k, select_block_size, window)
     return total / (heads * seq_len)
