@@ -88,7 +88,8 @@ EXPERIMENTS = {
             "select-pooled-k32-seed2", "select-pooled-k32-long", "select-pooled-k40",
             "select-pooled-k32-span16", "select-pooled-k32-span16-seed1",
             "select-pooled-k32-span16-near", "select-pooled-k32-near",
-            "select-pooled-k32-near-seed1", "select-pooled-k32-nope",
+            "select-pooled-k32-near-seed1", "select-pooled-k32-nope", "select-pooled-k32-seed3",
+            "select-pooled-k32-content", "select-pooled-k32-content-seed1",
         ),
         contexts=(256, 512, 1024, 2048),
         record="far-retrieval.json",
@@ -249,6 +250,8 @@ def table(experiment: Experiment, results: dict[str, dict]) -> str:
                 patterns += f" by the mean of {selection.select_query_span} queries"
             if selection.select_within_segment:
                 patterns += ", near blocks too"
+            if selection.select_ranking_dims:
+                patterns += f", ranked by {selection.select_ranking_dims} unrotated dims"
         row = [name, patterns]
         if experiment.costs:  # measured at the end of a call
             pairs = summary.get("pairs_per_token_8k")

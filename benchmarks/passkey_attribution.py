@@ -85,15 +85,17 @@ def digit_accuracy(records: list[dict], context: int) -> list[float]:
 
 def choice(q, k, query: int, config) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(h, m) scaled scores of position `query`'s ranking query (its own, or its mean with the
-    select_query_span - 1 before it) against the mean key of each of its m candidate blocks
-    (what the content-selected pattern ranks and the pooled one attends), and (h, query + 1)
-    whether it chose each key (None when the pattern is off); q, k as in pattern_masses."""
+    select_query_span - 1 before it; the last select_ranking_dims dims) against the mean key of
+    each of its m candidate blocks (what the content-selected pattern ranks and the pooled one
+    attends), and (h, query + 1) whether it chose each key (None when the pattern is off); q, k
+    as in pattern_masses."""
     heads, block = q.shape[1], config.select_block_size
     window = selection.candidate_window(config.segment_lengths, block, config.select_within_segment)
     candidates = selection.candidates(query, window, block)
-    means = selection.block_means(k[None, : candidates * block], block)  # (1, m, h, d)
+    q, k = (selection.ranking_part(x, config.select_ranking_dims) for x in (q, k))
+    means = selection.block_means(k[None, : candidates * block], block)  # (1, m, h, D)
     span = config.select_query_span
-    ranking = selection.ranking_queries(q[None, : query + 1], span)[:, query:]  # (1, 1, h, d)
+    ranking = selection.ranking_queries(q[None, : query + 1], span)[:, query:]  # (1, 1, h, D)
     pooled = torch.einsum("hd,mhd->hm", ranking[0, 0], means[0]) / math.sqrt(config.head_dim)
     if not config.select_top_k:
         return pooled, None

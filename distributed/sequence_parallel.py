@@ -179,6 +179,7 @@ def _attention_op(
     select_pooled: bool,
     select_query_span: int,
     select_within_segment: bool,
+    select_ranking_dims: int,
     group_name: str,
     overlap: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -191,7 +192,7 @@ def _attention_op(
     _agree(group_name, _describe(q, k, v, segment_lengths, dilation_rates, causal, scale, kernel,
                                  head_shift, select_top_k, select_block_size,
                                  select_pooled, select_query_span,
-                                 select_within_segment))  # fmt: skip
+                                 select_within_segment, select_ranking_dims))  # fmt: skip
     plan = _shard_plan(q, k, segment_lengths, dilation_rates, causal, head_shift, rank, world)
     chosen = _selection(
         select_top_k, select_block_size, select_within_segment, segment_lengths, rank, world
@@ -210,6 +211,7 @@ def _attention_op(
     part = selection.forward(
         q, *keys_before, block_size, top_k, window, scale, kernel, rank * q.shape[1],
         pooled=select_pooled, query_span=select_query_span, queries_before=queries_before,
+        ranking_dims=select_ranking_dims,
     )  # fmt: skip
     out, lse = selection.mix(out, lse, *part)
     return out.to(q.dtype), lse, received, keys_before, queries_before
@@ -217,8 +219,8 @@ def _attention_op(
 
 @_attention_op.register_fake
 def _(q, k, v, segment_lengths, dilation_rates, causal, scale, kernel, head_shift, select_top_k,
-      select_block_size, select_pooled, select_query_span, select_within_segment, group_name,
-      overlap):  # fmt: skip
+      select_block_size, select_pooled, select_query_span, select_within_segment,
+      select_ranking_dims, group_name, overlap):  # fmt: skip
     group = _resolve_process_group(group_name)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     plan = _shard_plan(q, k, segment_lengths, dilation_rates, causal, head_shift, rank, world)
@@ -256,6 +258,7 @@ def _attention_backward_op(
     select_pooled: bool,
     select_query_span: int,
     select_within_segment: bool,
+    select_ranking_dims: int,
     group_name: str,
     overlap: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -276,7 +279,7 @@ def _attention_backward_op(
     grad_q, grad_keys, grad_values, grad_before = selection.backward(
         grad_out, q, *keys_before, out, lse, block_size, top_k, window, scale, kernel,
         rank * q.shape[1], pooled=select_pooled, query_span=select_query_span,
-        queries_before=queries_before,
+        queries_before=queries_before, ranking_dims=select_ranking_dims,
     )  # fmt: skip
     if select_query_span > 1 and select_pooled:  # without it, no gradient reaches them
         tail = _return_query_grads(grad_before, q, select_query_span, group, rank, world)
@@ -329,7 +332,7 @@ def _communicates(segment_lengths, shard_len: int, world: int, select_top_k: int
 def _describe(
     q, k, v, segment_lengths, dilation_rates, causal, softmax_scale, backend, head_shift,
     select_top_k, select_block_size, select_pooled=False, select_query_span=1,
-    select_within_segment=False,
+    select_within_segment=False, select_ranking_dims=0,
 ) -> tuple[tuple[str, str], ...]:  # fmt: skip
     """(name, text) of what every rank of a group must pass alike."""
 
@@ -356,6 +359,7 @@ def _describe(
         ("select_pooled", repr(select_pooled)),
         ("select_query_span", repr(select_query_span)),
         ("select_within_segment", repr(select_within_segment)),
+        ("select_ranking_dims", repr(select_ranking_dims)),
     )
 
 
@@ -434,6 +438,7 @@ def sequence_parallel_dilated_attention(
     select_pooled: bool = False,
     select_query_span: int = 1,
     select_within_segment: bool = False,
+    select_ranking_dims: int = 0,
     documents: Documents | None = None,
 ) -> torch.Tensor:
     """longnet.dilated_attention over a sequence split across the ranks of `group`.
@@ -449,8 +454,8 @@ def sequence_parallel_dilated_attention(
     kernels for the same cores (measured at P = 2 on 2 cores: efficiency 0.942-0.973 with it,
     0.986 without).
     select_top_k > 0 adds the content-selected pattern, select_pooled the pooled one, ranked by
-    select_query_span queries, near blocks too with select_within_segment, as in
-    dilated_attention.
+    select_query_span queries (by their last select_ranking_dims dims), near blocks too with
+    select_within_segment, as in dilated_attention.
     documents (longnet.varlen.Documents, each its own sequence) lie in the global rows
     (b, P * L): from cu_seqlens over the b * P * L tokens or a (b, P * L) padding mask, the same
     on every rank; causal only (longnet/distributed/documents.py).
@@ -458,6 +463,7 @@ def sequence_parallel_dilated_attention(
     arguments = (
         q, k, v, segment_lengths, dilation_rates, causal, softmax_scale, backend, head_shift,
         select_top_k, select_block_size, select_pooled, select_query_span, select_within_segment,
+        select_ranking_dims,
     )  # fmt: skip
     world, rank = _group_size_and_rank(group)
     group_name = _group_name(group) if world > 1 else ""
@@ -481,12 +487,13 @@ def sequence_parallel_dilated_attention(
             q, k, v, patterns, causal=causal, scale=scale, backend=backend,
             head_shift=head_shift, select_top_k=select_top_k, select_block_size=select_block_size,
             select_pooled=select_pooled, select_query_span=select_query_span,
-            select_within_segment=select_within_segment, documents=documents,
+            select_within_segment=select_within_segment, select_ranking_dims=select_ranking_dims,
+            documents=documents,
         )  # fmt: skip
     out, *_ = _attention_op(
         q, k, v, lengths, rates, causal, scale, kernel, head_shift, select_top_k,
-        select_block_size, select_pooled, select_query_span, select_within_segment, group_name,
-        overlap,
+        select_block_size, select_pooled, select_query_span, select_within_segment,
+        select_ranking_dims, group_name, overlap,
     )  # fmt: skip
     return out
 
@@ -494,7 +501,7 @@ def sequence_parallel_dilated_attention(
 def _attention_of_documents(q, k, v, documents, patterns, scale, arguments, group, overlap):
     """sequence_parallel_dilated_attention's answer for documents over the global rows."""
     world, rank = _group_size_and_rank(group)
-    *_, causal, _, backend, head_shift, top_k, block_size, pooled, span, within = arguments
+    *_, causal, _, backend, head_shift, top_k, block_size, pooled, span, within, dims = arguments
     if not causal:
         raise ValueError(
             "documents (cu_seqlens or attention_mask) under sequence parallelism run causal only: "
@@ -509,7 +516,8 @@ def _attention_of_documents(q, k, v, documents, patterns, scale, arguments, grou
     lengths, rates = ([pattern[i] for pattern in patterns] for i in (0, 1))
     options = dict(backend=backend, head_shift=head_shift, select_top_k=top_k,
                    select_block_size=block_size, select_pooled=pooled,
-                   select_query_span=span, select_within_segment=within)  # fmt: skip
+                   select_query_span=span, select_within_segment=within,
+                   select_ranking_dims=dims)  # fmt: skip
 
     def attend_shard(q, k, v, own):
         return attend(q, k, v, patterns, causal=True, scale=scale, documents=own, **options)

@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 
 from longnet.checks import choice, flag, int_at_least, positive_float, positive_int
-from longnet.dilated import check_patterns, check_selection
+from longnet.dilated import check_patterns, check_ranking_dims, check_selection
 from longnet.kernels import BACKENDS
 from longnet.positions import POSITIONS, xpos_max_exponent
 
@@ -64,6 +64,11 @@ class BlockConfig:
     # chosen too (every complete block before its own), so that near and far keys are reached
     # by the same circuit, as in dense attention. False: only blocks before that segment.
     select_within_segment: bool = False
+    # select_ranking_dims D > 0 ranks the blocks (and scores the pooled keys) by the last D dims
+    # of each head only, which the rotary encoding then leaves unrotated: a choice by content.
+    # The mean of a block's rotated keys keeps the slow rotary components, so with D = 0 (all
+    # dims, rotated) the choice also follows the block's position (docs/long-context.md).
+    select_ranking_dims: int = 0
     # Memory for long sequences (docs/capacity.md). ffn_tile_tokens > 0 runs each block's FFN
     # and its norm over tiles of that many tokens, keeping only its input for backward
     # (longnet.layers.sequence_tiled): no (tokens, ffn_dim) tensor beyond one tile's; the same
@@ -98,7 +103,9 @@ class BlockConfig:
             self.select_top_k, self.select_block_size, causal=True,
             select_pooled=self.select_pooled, select_query_span=self.select_query_span,
             select_within_segment=self.select_within_segment,
+            select_ranking_dims=self.select_ranking_dims,
         )  # fmt: skip
+        check_ranking_dims(self.select_ranking_dims, self.head_dim)
         flags = ("qk_norm", "bias", "activation_checkpointing", "shift_heads_by_layer")
         for name in (*flags, "offload_checkpoints"):
             flag(name, getattr(self, name))
@@ -180,6 +187,22 @@ class LongNetConfig(BlockConfig):
             raise ValueError(
                 f"position={self.position!r} needs an even head_dim, got d_model / num_heads = "
                 f"{self.head_dim}"
+            )
+        unencoded = self.select_ranking_dims
+        if unencoded and self.position not in ("rotary", "none"):
+            raise ValueError(
+                f"select_ranking_dims={unencoded} needs position='rotary' or 'none' (dims "
+                f"without position to rank by), got position={self.position!r}"
+            )
+        if unencoded and self.position == "rotary" and (self.head_dim - unencoded) % 2:
+            raise ValueError(
+                f"select_ranking_dims={unencoded} leaves {self.head_dim - unencoded} of the "
+                f"{self.head_dim} head dims to rotate: rotary needs an even number"
+            )
+        if unencoded == self.head_dim and self.position == "rotary":
+            raise ValueError(
+                f"select_ranking_dims={unencoded} leaves none of the {self.head_dim} head dims "
+                "to rotate: use position='none'"
             )
         if self.position == "xpos" and self.select_top_k:
             raise ValueError(

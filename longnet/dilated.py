@@ -99,11 +99,12 @@ def check_head_shift(head_shift) -> int:
 
 def check_selection(
     select_top_k, select_block_size, causal: bool, select_pooled=False, select_query_span=1,
-    select_within_segment=False,
+    select_within_segment=False, select_ranking_dims=0,
 ) -> None:  # fmt: skip
     """ValueError naming the value unless select_top_k is an int >= 0 (0: no content-selected
     pattern) and, when it is on, select_block_size an int >= 1 and causal True; select_pooled,
-    select_within_segment (flags) and select_query_span > 1 options that need select_top_k > 0."""
+    select_within_segment (flags), select_query_span > 1 and select_ranking_dims > 0 options
+    that need select_top_k > 0."""
     int_at_least("select_top_k", select_top_k, 0)
     int_at_least("select_block_size", select_block_size, 1)
     if select_top_k and not causal:
@@ -124,11 +125,17 @@ def check_selection(
             f"select_query_span={select_query_span!r} (how the content-selected blocks are "
             f"ranked) needs select_top_k > 0, got select_top_k={select_top_k!r}"
         )
+    int_at_least("select_ranking_dims", select_ranking_dims, 0)
+    if select_ranking_dims and not select_top_k:
+        raise ValueError(
+            f"select_ranking_dims={select_ranking_dims!r} (which head dims rank the "
+            f"content-selected blocks) needs select_top_k > 0, got select_top_k={select_top_k!r}"
+        )
 
 
 def check_options(
     segment_lengths, dilation_rates, causal, backend, head_shift, select_top_k, select_block_size,
-    select_pooled=False, select_query_span=1, select_within_segment=False,
+    select_pooled=False, select_query_span=1, select_within_segment=False, select_ranking_dims=0,
 ) -> tuple[tuple[int, int], ...]:  # fmt: skip
     """Validated patterns ((w_1, r_1), ...) after checking every argument of a call but the
     tensors and the scale: what a layer checks once, at construction."""
@@ -138,7 +145,7 @@ def check_options(
     choice("backend", backend, BACKENDS)
     check_selection(
         select_top_k, select_block_size, causal, select_pooled, select_query_span,
-        select_within_segment,
+        select_within_segment, select_ranking_dims,
     )  # fmt: skip
     if backend == "triton" and select_top_k:
         raise ValueError(
@@ -163,15 +170,26 @@ def check_arguments(
     select_pooled=False,
     select_query_span=1,
     select_within_segment=False,
+    select_ranking_dims=0,
 ) -> tuple[tuple[tuple[int, int], ...], float]:
     """Validated (patterns, scale) of a dilated attention call; ValueError naming the first bad
     argument."""
     patterns = check_options(
         segment_lengths, dilation_rates, causal, backend, head_shift, select_top_k,
         select_block_size, select_pooled, select_query_span, select_within_segment,
+        select_ranking_dims,
     )  # fmt: skip
     check_qkv(q, k, v)
+    check_ranking_dims(select_ranking_dims, q.shape[-1])
     return patterns, resolve_softmax_scale(softmax_scale, q.shape[-1])
+
+
+def check_ranking_dims(select_ranking_dims: int, head_dim: int) -> None:
+    """ValueError naming the value unless select_ranking_dims <= head_dim."""
+    if select_ranking_dims > head_dim:
+        raise ValueError(
+            f"select_ranking_dims={select_ranking_dims} exceeds the head dim {head_dim}"
+        )
 
 
 def kernel_for(backend: str, q: torch.Tensor, causal: bool) -> str:
@@ -196,6 +214,7 @@ def _attention_op(
     select_pooled: bool,
     select_query_span: int,
     select_within_segment: bool,
+    select_ranking_dims: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     plan = _plan(q, k, segment_lengths, dilation_rates, causal, head_shift)
     if not select_top_k:
@@ -206,7 +225,7 @@ def _attention_op(
     window = selection.candidate_window(segment_lengths, select_block_size, select_within_segment)
     chosen = selection.forward(
         q, k, v, select_block_size, select_top_k, window, scale, kernel, pooled=select_pooled,
-        query_span=select_query_span,
+        query_span=select_query_span, ranking_dims=select_ranking_dims,
     )  # fmt: skip
     out, lse = selection.mix(out, lse, *chosen)
     return out.to(q.dtype), lse
@@ -231,6 +250,7 @@ def _attention_backward_op(
     select_pooled: bool,
     select_query_span: int,
     select_within_segment: bool,
+    select_ranking_dims: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     plan = _plan(q, k, segment_lengths, dilation_rates, causal, head_shift)
     grads = engine.backward(grad_out, q, k, v, out, lse, None, plan, scale=scale, kernel=kernel)
@@ -239,7 +259,7 @@ def _attention_backward_op(
     window = selection.candidate_window(segment_lengths, select_block_size, select_within_segment)
     *chosen, _ = selection.backward(
         grad_out, q, k, v, out, lse, select_block_size, select_top_k, window, scale, kernel,
-        pooled=select_pooled, query_span=select_query_span,
+        pooled=select_pooled, query_span=select_query_span, ranking_dims=select_ranking_dims,
     )  # fmt: skip
     return tuple((a + b).to(a.dtype) for a, b in zip(grads, chosen, strict=True))
 
@@ -273,6 +293,7 @@ def dilated_attention(
     select_pooled: bool = False,
     select_query_span: int = 1,
     select_within_segment: bool = False,
+    select_ranking_dims: int = 0,
     cu_seqlens=None,
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -296,6 +317,8 @@ def dilated_attention(
     query and the select_query_span - 1 queries before it, so that neighbours choose alike.
     select_within_segment lets the blocks of the query's own segment be chosen too (every
     complete block before its own block), so near and far keys are reached alike.
+    select_ranking_dims D > 0 ranks them (and scores the pooled keys) by the last D dims of each
+    head of q and k only: dims a model leaves without positional encoding, a choice by content.
 
     Documents (longnet/varlen.py): each is its own sequence (segments start at its first token,
     no key crosses its boundary), given as cu_seqlens, flash-attn's int offsets 0 = o_0 <= ...
@@ -307,6 +330,7 @@ def dilated_attention(
     patterns, scale = check_arguments(
         q, k, v, segment_lengths, dilation_rates, causal, softmax_scale, backend, head_shift,
         select_top_k, select_block_size, select_pooled, select_query_span, select_within_segment,
+        select_ranking_dims,
     )  # fmt: skip
     documents = check_documents(q.shape, cu_seqlens, attention_mask)
     return attend(
@@ -323,6 +347,7 @@ def dilated_attention(
         select_pooled=select_pooled,
         select_query_span=select_query_span,
         select_within_segment=select_within_segment,
+        select_ranking_dims=select_ranking_dims,
         documents=documents,
     )
 
@@ -353,6 +378,7 @@ def attend(
     select_pooled: bool = False,
     select_query_span: int = 1,
     select_within_segment: bool = False,
+    select_ranking_dims: int = 0,
     documents: varlen.Documents | None = None,
 ) -> torch.Tensor:
     """dilated_attention on arguments already checked (check_arguments, or a layer's
@@ -377,6 +403,7 @@ def attend(
         out, _ = _attention_op(
             q, k, v, lengths, rates, causal, scale, kernel, head_shift, select_top_k,
             select_block_size, select_pooled, select_query_span, select_within_segment,
+            select_ranking_dims,
         )  # fmt: skip
         return out
 

@@ -14,6 +14,7 @@ from longnet.dilated import (
     attend,
     check_documents,
     check_options,
+    check_ranking_dims,
     dilated_attention,
     resolve_softmax_scale,
 )
@@ -82,6 +83,7 @@ class DilatedAttention(nn.Module):
         select_pooled: bool = False,
         select_query_span: int = 1,
         select_within_segment: bool = False,
+        select_ranking_dims: int = 0,
         attention_fn: AttentionFn = dilated_attention,
         init_gain: float | None = None,
     ):
@@ -103,10 +105,12 @@ class DilatedAttention(nn.Module):
         self.patterns = check_options(
             segment_lengths, dilation_rates, causal, backend, head_shift, select_top_k,
             select_block_size, select_pooled, select_query_span, select_within_segment,
+            select_ranking_dims,
         )  # fmt: skip
         self.select_top_k, self.select_block_size = select_top_k, select_block_size
         self.select_pooled, self.select_query_span = select_pooled, select_query_span
         self.select_within_segment = select_within_segment
+        self.select_ranking_dims = select_ranking_dims
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if num_heads < 1 or d_model % num_heads:
             raise ValueError(f"d_model ({d_model}) must be a multiple of num_heads ({num_heads})")
@@ -118,6 +122,7 @@ class DilatedAttention(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim = d_model // num_heads
+        check_ranking_dims(select_ranking_dims, self.head_dim)
         self.causal, self.softmax_scale, self.backend = causal, softmax_scale, backend
         self.scale = resolve_softmax_scale(softmax_scale, self.head_dim)
         self.head_shift = head_shift
@@ -175,6 +180,7 @@ class DilatedAttention(nn.Module):
                 select_pooled=self.select_pooled,
                 select_query_span=self.select_query_span,
                 select_within_segment=self.select_within_segment,
+                select_ranking_dims=self.select_ranking_dims,
                 documents=documents,
             )
         lengths, rates = zip(*self.patterns, strict=True)
@@ -204,6 +210,8 @@ class DilatedAttention(nn.Module):
             arguments["select_query_span"] = self.select_query_span
         if self.select_within_segment:
             arguments["select_within_segment"] = True
+        if self.select_ranking_dims:
+            arguments["select_ranking_dims"] = self.select_ranking_dims
         return arguments
 
     def forward(

@@ -95,6 +95,7 @@ class SelfAttention(DilatedAttention):
             select_pooled=config.select_pooled,
             select_query_span=config.select_query_span,
             select_within_segment=config.select_within_segment,
+            select_ranking_dims=config.select_ranking_dims,
             attention_fn=attention_fn,
             init_gain=gain,
         )
@@ -381,6 +382,7 @@ class LongNetLM(nn.Module):
             config.head_dim,
             config.rotary_base,
             config.xpos_scale_base,
+            config.select_ranking_dims,
         )
         self.embed = ScaledEmbedding(config.vocab_size, config.d_model)
         self.blocks = TransformerStack(config, True, attention_fn, self.positions)

@@ -56,25 +56,28 @@ class NoPositions:
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (b, n, heads, d) with each pair (x_i, x_{i+d/2}) rotated; cos, sin ([b,] n, 1, d/2)."""
-    dtype = accumulation_dtype(x.dtype)
-    x1, x2 = x.to(dtype).chunk(2, dim=-1)
+    """x (b, n, heads, d) with each pair (x_i, x_{i+R/2}) of its first R dims rotated and the
+    others unchanged; cos, sin ([b,] n, 1, R/2)."""
+    dims, dtype = 2 * cos.shape[-1], accumulation_dtype(x.dtype)
+    x1, x2 = x[..., :dims].to(dtype).chunk(2, dim=-1)
     cos, sin = cos.to(dtype), sin.to(dtype)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    return rotated if dims == x.shape[-1] else torch.cat([rotated, x[..., dims:]], dim=-1)
 
 
 class Rotary:
-    """RoPE (Su et al. 2021): pair (x_i, x_{i+d/2}) turns by p * base^(-2i/d), so the logit of
-    query p and key p' depends on p - p' only."""
+    """RoPE (Su et al. 2021): pair (x_i, x_{i+R/2}) turns by p * base^(-2i/R), so the logit of
+    query p and key p' depends on p - p' only. R = `dims`, the head dim by default; the last
+    d - R dims carry no position (partial rotary, as GPT-NeoX's rotary_pct)."""
 
     extra_dims = 0
 
-    def __init__(self, head_dim: int, base: float = 10000.0):
-        self.head_dim, self.base = head_dim, base
+    def __init__(self, head_dim: int, base: float = 10000.0, dims: int | None = None):
+        self.dims, self.base = head_dim if dims is None else dims, base
 
     def _exponents(self, device) -> torch.Tensor:
-        """(d/2,) float64: 2i/d."""
-        return torch.arange(0, self.head_dim, 2, dtype=torch.float64, device=device) / self.head_dim
+        """(R/2,) float64: 2i/R."""
+        return torch.arange(0, self.dims, 2, dtype=torch.float64, device=device) / self.dims
 
     def encode(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple:
         """positions (n,) or (b, n) -> cos and sin ([b,] n, 1, d/2)."""
@@ -168,12 +171,14 @@ def make_positions(
     head_dim: int,
     rotary_base: float = 10000.0,
     xpos_scale_base: float = 512.0,
+    unencoded_dims: int = 0,
 ):
-    """The encoding named by kind, one of POSITIONS."""
+    """The encoding named by kind, one of POSITIONS; rotary leaves the last unencoded_dims of
+    each head without position."""
     if kind == "xpos":
         return XPos(head_dim, rotary_base, xpos_scale_base)
     if kind == "rotary":
-        return Rotary(head_dim, rotary_base)
+        return Rotary(head_dim, rotary_base, head_dim - unencoded_dims)
     if kind == "alibi":
         return ALiBi(num_heads, head_dim)
     if kind == "none":

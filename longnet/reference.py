@@ -75,13 +75,15 @@ def dense_dilated_attention(
     select_pooled=False,
     select_query_span=1,
     select_within_segment=False,
+    select_ranking_dims=0,
 ):
     """q (b, n, h, d), k and v (b, n, g, d) -> (b, n, h, d) in float64; select_top_k > 0 adds
     the content-selected pattern (causal only) as one more pattern, select_pooled the pooled one:
     one more key per candidate block, the block's mean key with its mean value; both rank (score)
     by the mean of each query and the select_query_span - 1 queries before it; their candidates
     end by the start of the query's segment of the first pattern, or of its own block with
-    select_within_segment."""
+    select_within_segment; with select_ranking_dims D > 0 both use the last D dims of q and k
+    only."""
     q, k, v = q.double(), k.double(), v.double()
     batch, seq_len, heads, dim = q.shape
     group = heads // k.shape[2]
@@ -91,20 +93,26 @@ def dense_dilated_attention(
         seq_len, heads, segment_lengths, dilation_rates, causal=causal, head_shift=head_shift
     )
     counts = counts.to(q.device)
-    if select_top_k:  # the queries that rank the blocks (and score the pooled keys)
+    if select_top_k:  # the queries and keys that rank the blocks (and score the pooled keys)
+        first = dim - select_ranking_dims if select_ranking_dims else 0
         ranking = torch.stack(
-            [q[:, max(0, i - select_query_span + 1) : i + 1].mean(1) for i in range(seq_len)], 1
-        )  # (b, n, h, d)
+            [
+                q[:, max(0, i - select_query_span + 1) : i + 1, :, first:].mean(1)
+                for i in range(seq_len)
+            ],
+            1,
+        )  # (b, n, h, D)
+        ranking_keys = k[..., first:]
         window = select_block_size if select_within_segment else segment_lengths[0]
-        chosen = selected(ranking, k, select_block_size, select_top_k, window)
+        chosen = selected(ranking, ranking_keys, select_block_size, select_top_k, window)
         counts = counts + chosen.to(q.device)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale + counts.log()  # counts: (h|b h, q, k)
     if select_pooled:  # the block means as m more keys and values
         m = seq_len // select_block_size
         means_k, means_v = (
             x[:, : m * select_block_size].unflatten(1, (m, select_block_size)).mean(2)
-            for x in (k, v)
-        )  # (b, m, h, d)
+            for x in (ranking_keys, v)
+        )  # (b, m, h, D), (b, m, h, d)
         positions = torch.arange(seq_len, device=q.device)
         earlier = (positions - positions % window) // select_block_size  # (n,)
         candidate = torch.arange(m, device=q.device) < earlier[:, None]  # (n, m)

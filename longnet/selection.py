@@ -17,6 +17,10 @@ before it (ranking_queries) instead of its own alone, so that neighbouring queri
 of one answer) choose alike; the pooled pattern scores with that mean too, so its gradient
 reaches all S queries.
 
+With ranking_dims D > 0 only the last D dims of each head of q and k rank the blocks (and score
+the pooled keys): dims a model leaves without positional encoding, so that the choice follows
+content; a block's mean after a rotary encoding keeps the positions' slow components.
+
 Notation: b batch, n tokens, h query heads, g kv heads, d head dim, B block size, m = n // B
 complete blocks, k top_k (at most m), c queries in a chunk.
 """
@@ -65,6 +69,16 @@ def candidate_mask(positions, blocks: int, window: int, block_size: int) -> torc
     """(c, blocks) whether a query at each of the positions (c,) may read each complete block."""
     limit = candidates(positions, window, block_size)  # (c,)
     return torch.arange(blocks, device=positions.device) < limit[:, None]
+
+
+def ranking_part(x: torch.Tensor, dims: int) -> torch.Tensor:
+    """x (..., d)'s last `dims` dims, those that rank the blocks (all d for dims = 0)."""
+    return x[..., x.shape[-1] - dims :] if dims else x
+
+
+def _widen(grad: torch.Tensor, dims: int) -> torch.Tensor:
+    """The gradient (..., D) of ranking_part's result as one of its input (..., dims)."""
+    return torch.nn.functional.pad(grad, (dims - grad.shape[-1], 0))
 
 
 def ranking_queries(
@@ -210,7 +224,7 @@ def _chunks(q: torch.Tensor, keys: int, query_offset: int, block_size, top_k, wi
 
 def forward(
     q, k, v, block_size: int, top_k: int, window: int, scale: float, kernel="math", query_offset=0,
-    pooled=False, query_span=1, queries_before=None,
+    pooled=False, query_span=1, queries_before=None, ranking_dims=0,
 ):  # fmt: skip
     """The pattern alone, causal: q (b, n, h, d), k and v (b, s, g, d) -> out (b, n, h, d) and
     lse (b, n, h) in the accumulation dtype; lse is -inf (and out 0) for the queries with no
@@ -219,22 +233,35 @@ def forward(
     q the queries of positions query_offset .. query_offset + n - 1 (sequence parallelism:
     the shard's queries against the keys up to its end). kernel: longnet.kernels' name of the
     fused kernel for the masked form. pooled: mixed with the pooled pattern (pooled_forward).
-    query_span, queries_before: how the blocks are ranked (ranking_queries)."""
-    ranking = ranking_queries(q, query_span, queries_before, query_offset)
+    query_span, queries_before, ranking_dims: how the blocks are ranked (ranking_queries, by
+    ranking_part of q and k)."""
+    ranking, ranking_keys = _ranking(q, k, query_span, queries_before, query_offset, ranking_dims)
     chosen = _chosen_forward(
-        q, ranking, k, v, block_size, top_k, window, scale, kernel, query_offset
+        q, ranking, k, v, ranking_keys, block_size, top_k, window, scale, kernel, query_offset
     )
     if not pooled:
         return chosen
-    return mix(*chosen, *pooled_forward(ranking, k, v, block_size, window, scale, query_offset))
+    pooled_part = pooled_forward(ranking, ranking_keys, v, block_size, window, scale, query_offset)
+    return mix(*chosen, *pooled_part)
 
 
-def _chosen_forward(q, ranking, k, v, block_size, top_k, window, scale, kernel, query_offset):
-    """forward without the pooled pattern, the blocks ranked by `ranking` (b, n, h, d)."""
+def _ranking(q, k, query_span, queries_before, query_offset, ranking_dims):
+    """(ranking queries (b, n, h, D), ranking keys (b, s, g, D)): what ranks the blocks."""
+    before = None if queries_before is None else ranking_part(queries_before, ranking_dims)
+    ranking = ranking_queries(ranking_part(q, ranking_dims), query_span, before, query_offset)
+    return ranking, ranking_part(k, ranking_dims)
+
+
+def _chosen_forward(
+    q, ranking, k, v, ranking_keys, block_size, top_k, window, scale, kernel, query_offset
+):
+    """forward without the pooled pattern, the blocks ranked by `ranking` (b, n, h, D) against
+    the block means of `ranking_keys` (b, s, g, D)."""
     acc = accumulation_dtype(q.dtype)
     out = torch.zeros(q.shape, dtype=acc, device=q.device)
     lse = torch.full(q.shape[:3], -math.inf, dtype=acc, device=q.device)
-    means = block_means(k, block_size)  # a NaN key's block scores NaN: topk ranks it first
+    # A NaN in a block's ranking keys makes it score NaN: topk ranks it first.
+    means = block_means(ranking_keys, block_size)
     heads, kv_heads = q.shape[2], k.shape[2]
     # NOTE: both forms multiply zero weights by the keys and values of blocks a query did not
     # choose, so a NaN would reach queries that never read it. On CPU, NaN entries enter as 0
@@ -285,35 +312,45 @@ def _allowed(chunk: _Chunk) -> torch.Tensor:
 
 def backward(
     grad_out, q, k, v, out, lse, block_size: int, top_k: int, window: int, scale: float,
-    kernel="math", query_offset=0, pooled=False, query_span=1, queries_before=None,
+    kernel="math", query_offset=0, pooled=False, query_span=1, queries_before=None, ranking_dims=0,
 ):  # fmt: skip
     """(dq, dk, dv, d_before) in the accumulation dtype of the pattern's part of the MIXED
     attention, from the mixed out (b, n, h, d) and lse (b, n, h): the softmax over all patterns'
     keys; with the pooled pattern's part when pooled. d_before (b, t, h, d): the gradient of
     queries_before (the pooled pattern's, through the ranking queries; zeros without it)."""
-    ranking = ranking_queries(q, query_span, queries_before, query_offset)
+    ranking, ranking_keys = _ranking(q, k, query_span, queries_before, query_offset, ranking_dims)
     before_len = 0 if queries_before is None else queries_before.shape[1]
     grad_q, grad_k, grad_v = _chosen_backward(
-        grad_out, q, ranking, k, v, out, lse, block_size, top_k, window, scale, kernel,
-        query_offset,
+        grad_out, q, ranking, k, v, ranking_keys, out, lse, block_size, top_k, window, scale,
+        kernel, query_offset,
     )  # fmt: skip
     if not pooled:
         return grad_q, grad_k, grad_v, grad_q.new_zeros((q.shape[0], before_len, *q.shape[2:]))
-    arguments = (grad_out, ranking, k, v, out, lse, block_size, window, scale, query_offset)
-    grad_ranking, pooled_k, pooled_v = pooled_backward(*arguments)
-    pooled_q, grad_before = ranking_backward(grad_ranking, q, query_span, before_len, query_offset)
-    return grad_q + pooled_q, grad_k + pooled_k, grad_v + pooled_v, grad_before
+    arguments = (grad_out, ranking, ranking_keys, v, out, lse, block_size, window, scale)
+    grad_ranking, pooled_k, pooled_v = pooled_backward(*arguments, query_offset)
+    pooled_q, grad_before = ranking_backward(
+        grad_ranking, ranking, query_span, before_len, query_offset
+    )
+    dim = q.shape[-1]
+    return (
+        grad_q + _widen(pooled_q, dim),
+        grad_k + _widen(pooled_k, dim),
+        grad_v + pooled_v,
+        _widen(grad_before, dim),
+    )
 
 
 def _chosen_backward(
-    grad_out, q, ranking, k, v, out, lse, block_size, top_k, window, scale, kernel, query_offset
-):
-    """backward's part of the chosen blocks, (dq, dk, dv), the blocks ranked by `ranking`."""
+    grad_out, q, ranking, k, v, ranking_keys, out, lse, block_size, top_k, window, scale, kernel,
+    query_offset,
+):  # fmt: skip
+    """backward's part of the chosen blocks, (dq, dk, dv), the blocks ranked by `ranking`
+    against `ranking_keys` (as in _chosen_forward)."""
     acc = accumulation_dtype(q.dtype)
     grad_q = torch.zeros(q.shape, dtype=acc, device=q.device)
     grad_k = torch.zeros(k.shape, dtype=acc, device=k.device)
     grad_v = torch.zeros(v.shape, dtype=acc, device=v.device)
-    means = block_means(k, block_size)
+    means = block_means(ranking_keys, block_size)
     (batch, n, kv_heads, dim), heads = k.shape, q.shape[2]
     masked = masks(n, block_size, top_k, kernel)
     if not masked:
@@ -403,11 +440,11 @@ def pooled_forward(q, k, v, block_size: int, window: int, scale: float, query_of
     """The pooled pattern alone (select_pooled; NSA's compressed attention, pooled by the mean):
     each query attends one key per candidate block, the block's mean key with its mean value.
     Its scores are the ones the top-k choice ranks (q: the ranking queries), so through this
-    pattern the choice's scores get a gradient. Arguments and results as in forward: out
-    (b, n, h, d) and lse (b, n, h) in the accumulation dtype, lse -inf where a query has no
-    candidate block."""
+    pattern the choice's scores get a gradient. Arguments and results as in forward (q and k
+    may hold the D ranking dims only, v all d): out (b, n, h, d) and lse (b, n, h) in the
+    accumulation dtype, lse -inf where a query has no candidate block."""
     acc = accumulation_dtype(q.dtype)
-    out = torch.zeros(q.shape, dtype=acc, device=q.device)
+    out = torch.zeros((*q.shape[:3], v.shape[-1]), dtype=acc, device=q.device)
     lse = torch.full(q.shape[:3], -math.inf, dtype=acc, device=q.device)
     pooled = _Pooled(q, k, v, block_size, window, scale, query_offset)
     readers = None if pooled.nan_blocks is None else torch.zeros_like(lse, dtype=torch.bool)

@@ -115,3 +115,23 @@ def test_relative_positions_are_true_distances_within_a_period():
     assert torch.equal(distances[same_period], (tokens[:, None] - tokens[None, :])[same_period])
     assert positions.min() == -period // 2 and positions.max() == period // 2 - 1
     assert torch.equal(relative_positions(37 + 3 * period, 40, period), positions)
+
+
+def test_partial_rotary_turns_the_first_dims_only():
+    """unencoded_dims: the last dims pass unchanged, the first R follow the closed form of a
+    rotary encoding of R dims (relative: shifting every position leaves the logits alone)."""
+    unencoded, rotated = 6, DIM - 6
+    q, k, positions = random_qk()
+    encoding = make_positions("rotary", HEADS, DIM, unencoded_dims=unencoded)
+    q_out, k_out = encoding.apply(q, k, encoding.encode(positions, torch.float64))
+    assert torch.equal(q_out[..., rotated:], q[..., rotated:])
+    assert torch.equal(k_out[..., rotated:], k[..., rotated:])
+    whole = make_positions("rotary", HEADS, rotated)
+    q_r, k_r = whole.apply(
+        q[..., :rotated], k[..., :rotated], whole.encode(positions, torch.float64)
+    )
+    torch.testing.assert_close(q_out[..., :rotated], q_r, rtol=0, atol=0)
+    torch.testing.assert_close(k_out[..., :rotated], k_r, rtol=0, atol=0)
+    expected = encoded_logits("rotary", q, k, positions, unencoded_dims=unencoded)
+    shifted = encoded_logits("rotary", q, k, positions + 977, unencoded_dims=unencoded)
+    torch.testing.assert_close(shifted, expected, rtol=1e-9, atol=1e-9)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import TOLERANCE, make_qkv, max_error, outputs_and_grads, randn
 
-from longnet import LongNetConfig, LongNetLM, dilated_attention, selection
+from longnet import DilatedAttention, LongNetConfig, LongNetLM, dilated_attention, selection
 from longnet.cost import pairs_per_token
 from longnet.distributed import sequence_parallel_dilated_attention, shard_sequence
 from longnet.generation import KVCache
@@ -30,19 +30,22 @@ CASES = {
 }
 
 
-# (select_pooled, select_query_span, select_within_segment) of each variant of the pattern
-VARIANTS = {"chosen": (False, 1, False), "pooled": (True, 1, False),
-            "chosen_span3": (False, 3, False), "pooled_span4": (True, 4, False),
-            "chosen_near": (False, 1, True), "pooled_span4_near": (True, 4, True)}  # fmt: skip
+# (select_pooled, select_query_span, select_within_segment, select_ranking_dims) of each variant
+VARIANTS = {"chosen": (False, 1, False, 0), "pooled": (True, 1, False, 0),
+            "chosen_span3": (False, 3, False, 0), "pooled_span4": (True, 4, False, 0),
+            "chosen_near": (False, 1, True, 0), "pooled_span4_near": (True, 4, True, 0),
+            "chosen_ranking_dims": (False, 1, False, 2),
+            "pooled_span3_ranking_dims": (True, 3, False, 2)}  # fmt: skip
 
 
-def run(case, form, dtype=torch.float64, pooled=False, span=1, near=False):
+def run(case, form, dtype=torch.float64, pooled=False, span=1, near=False, ranking_dims=0):
     batch, n, heads, kv_heads, dim, lengths, rates, top_k, block = CASES[case]
     generator = torch.Generator().manual_seed(len(case))
     q, k, v = make_qkv(generator, batch, n, heads, kv_heads, dim, dtype=dtype)
     grad_out = randn(generator, *q.shape, dtype=dtype)
     choice = dict(select_top_k=top_k, select_block_size=block, select_pooled=pooled,
-                  select_query_span=span, select_within_segment=near)  # fmt: skip
+                  select_query_span=span, select_within_segment=near,
+                  select_ranking_dims=ranking_dims)  # fmt: skip
     fn = functools.partial(
         dilated_attention, segment_lengths=lengths, dilation_rates=rates, causal=True, **choice
     )
@@ -150,6 +153,12 @@ def test_near_blocks_are_candidates_with_select_within_segment():
         (dict(select_query_span=4), "select_query_span=4 .* needs select_top_k > 0"),
         (dict(select_within_segment=True), "select_within_segment=True .* got select_top_k=0"),
         (dict(select_top_k=2, select_within_segment="yes"), "select_within_segment must be True"),
+        (dict(select_top_k=2, select_ranking_dims=-1), "select_ranking_dims must be an int >= 0"),
+        (dict(select_ranking_dims=2), "select_ranking_dims=2 .* got select_top_k=0"),
+        (
+            dict(select_top_k=2, select_ranking_dims=5),
+            "select_ranking_dims=5 exceeds the head dim 4",
+        ),
     ],
 )
 def test_bad_arguments(arguments, message):
@@ -162,6 +171,54 @@ def test_bad_arguments(arguments, message):
 def test_config_refuses_xpos():
     with pytest.raises(ValueError, match="xpos"):
         LongNetConfig.preset("longnet-tiny", position="xpos", select_top_k=2)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(position="alibi"), "select_ranking_dims=8 needs position='rotary' or 'none'"),
+        (
+            dict(select_ranking_dims=7),
+            "leaves 25 of the 32 head dims to rotate: rotary needs an even",
+        ),
+        (dict(select_ranking_dims=32), "leaves none of the 32 head dims to rotate"),
+        (dict(select_ranking_dims=33), "select_ranking_dims=33 exceeds the head dim 32"),
+        (dict(select_top_k=0), "select_ranking_dims=8 .* needs select_top_k > 0"),
+    ],
+)
+def test_config_refuses_ranking_dims_it_cannot_leave_unencoded(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        LongNetConfig.preset(
+            "longnet-tiny", **({"position": "rotary", "select_top_k": 2, "select_ranking_dims": 8}
+                               | overrides),
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="exceeds the head dim 32"):
+        DilatedAttention(128, 4, 1, 16, causal=True, select_top_k=2, select_ranking_dims=33)
+
+
+def test_ranking_dims_choose_by_those_dims_alone():
+    """With select_ranking_dims D the choice ignores the other dims, where a bias toward block 0
+    (as a position's slow rotary components would give) decides it when all dims rank."""
+    generator = torch.Generator().manual_seed(5)
+    n, block, dim, ranking_dims = 64, 8, 8, 4
+    q, k = randn(generator, 1, n, 1, dim), randn(generator, 1, n, 1, dim)
+    q[..., :4], k[..., :4] = 3.0, 0.0
+    k[:, :block, :, :4] = 3.0  # block 0's keys align with every query in the first dims
+    v = torch.eye(n // block, dtype=q.dtype).repeat_interleave(block, 0)[
+        None, :, None
+    ]  # (1, n, 1, m)
+    for dims in (0, ranking_dims):
+        out, _ = selection.forward(
+            q, k, v, block, 1, block, scale=1.0, ranking_dims=dims
+        )  # out[..., j]: the weight on block j, 1 on the one block chosen
+        chosen = out[0, block:, 0].argmax(-1)  # queries from the second block on choose
+        part = selection.ranking_part
+        means = part(k, dims)[0, :, 0].unflatten(0, (-1, block)).mean(1)  # (m, D)
+        scores = part(q, dims)[0, block:, 0] @ means.T  # (n - block, m)
+        earlier = torch.arange(n // block) < (torch.arange(block, n) // block)[:, None]
+        expected = scores.masked_fill(~earlier, -torch.inf).argmax(-1)
+        assert torch.equal(chosen, expected)
+        assert (chosen == 0).all() == (dims == 0)
 
 
 def test_config_refuses_the_pooled_pattern_without_a_choice():
@@ -180,8 +237,11 @@ def tiny_model(**overrides):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_cached_decoding_equals_recompute(variant):
-    pooled, span, near = VARIANTS[variant]
-    model = tiny_model(select_pooled=pooled, select_query_span=span, select_within_segment=near)
+    pooled, span, near, ranking_dims = VARIANTS[variant]
+    model = tiny_model(
+        select_pooled=pooled, select_query_span=span, select_within_segment=near,
+        select_ranking_dims=ranking_dims,
+    )  # fmt: skip
     prompt = torch.randint(0, 264, (2, 30), generator=torch.Generator().manual_seed(0))
     cached = model.generate(prompt, 50, top_k=1)
     assert torch.equal(cached, model.generate(prompt, 50, top_k=1, use_cache=False))
@@ -307,7 +367,7 @@ def test_positions_are_not_wrapped():
     assert tiny_model().config.position_period is None
 
 
-def run_sequence_parallel(size, inputs, lengths, rates, top_k, block, pooled, span, near):
+def run_sequence_parallel(size, inputs, lengths, rates, top_k, block, pooled, span, near, dims):
     group = (
         None if size == distributed_utils.WORLD_SIZE else distributed_utils.consecutive_group(size)
     )
@@ -318,7 +378,7 @@ def run_sequence_parallel(size, inputs, lengths, rates, top_k, block, pooled, sp
     out = sequence_parallel_dilated_attention(
         q, k, v, lengths, rates, group=group, causal=True, select_top_k=top_k,
         select_block_size=block, select_pooled=pooled, select_query_span=span,
-        select_within_segment=near,
+        select_within_segment=near, select_ranking_dims=dims,
     )  # fmt: skip
     out.backward(grad_out)
     return torch.distributed.get_rank(group), (out.detach(), q.grad, k.grad, v.grad)
@@ -326,36 +386,38 @@ def run_sequence_parallel(size, inputs, lengths, rates, top_k, block, pooled, sp
 
 @pytest.mark.parametrize("size", [2, 4])
 @pytest.mark.parametrize(
-    "lengths, rates, top_k, block, pooled, span, near",
+    "lengths, rates, top_k, block, pooled, span, near, dims",
     [
-        ([8], [1], 2, 4, False, 1, False),
-        ([8, 16, 32], [1, 2, 4], 3, 8, False, 1, False),
-        ([32], [4], 1, 8, False, 1, False),
-        ([8, 16, 32], [1, 2, 4], 2, 4, True, 1, False),
-        ([8, 16, 32], [1, 2, 4], 2, 4, True, 6, False),
-        ([8], [1], 2, 4, True, 13, False),
-        ([32], [4], 2, 4, True, 3, True),
+        ([8], [1], 2, 4, False, 1, False, 0),
+        ([8, 16, 32], [1, 2, 4], 3, 8, False, 1, False, 0),
+        ([32], [4], 1, 8, False, 1, False, 0),
+        ([8, 16, 32], [1, 2, 4], 2, 4, True, 1, False, 0),
+        ([8, 16, 32], [1, 2, 4], 2, 4, True, 6, False, 0),
+        ([8], [1], 2, 4, True, 13, False, 0),
+        ([32], [4], 2, 4, True, 3, True, 0),
+        ([8, 16], [1, 2], 2, 4, True, 6, False, 3),
     ],
     ids=[
         "local", "spanning_patterns", "blocks_across_ranks", "pooled", "pooled_span",
         "span_longer_than_a_shard",  # 12 queries before: two shards of 8 at size 4
         "near_blocks",  # the blocks of a segment that spans ranks
+        "ranking_dims",  # the queries before a shard's and their gradients, in 3 of 8 dims
     ],
 )  # fmt: skip
 def test_sequence_parallel_equals_one_device(
-    size, lengths, rates, top_k, block, pooled, span, near
+    size, lengths, rates, top_k, block, pooled, span, near, dims
 ):
     generator = torch.Generator().manual_seed(size)
     q, k, v = make_qkv(generator, 2, 32, 4, 2, 8)
     grad_out = randn(generator, *q.shape)
     inputs = tuple(x.detach() for x in (q, k, v, grad_out))
     results = distributed_utils.run(
-        run_sequence_parallel, size, inputs, lengths, rates, top_k, block, pooled, span, near
+        run_sequence_parallel, size, inputs, lengths, rates, top_k, block, pooled, span, near, dims
     )
     fn = functools.partial(
         dilated_attention, segment_lengths=lengths, dilation_rates=rates, causal=True,
         select_top_k=top_k, select_block_size=block, select_pooled=pooled, select_query_span=span,
-        select_within_segment=near,
+        select_within_segment=near, select_ranking_dims=dims,
     )  # fmt: skip
     expected = outputs_and_grads(fn, q, k, v, grad_out)
     members = [r for r in results if r is not None]  # groups of consecutive workers

@@ -47,6 +47,7 @@ def random_case(seed: int):
     if options["select_top_k"]:  # ranked by the mean of up to 5 queries, with the pooled keys
         options.update(select_pooled=True, select_query_span=r.choice([1, 5]))
         options.update(select_within_segment=r.random() < 0.5)
+        options.update(select_ranking_dims=r.choice([0, 2]))
     total = batch * size * SHARD_LEN
     cu_seqlens = [0, *sorted(r.sample(range(1, total), r.randint(0, 5))), total]
     shape = (batch, size * SHARD_LEN, kv_heads * r.choice([1, 2]), kv_heads, 4)

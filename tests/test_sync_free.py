@@ -29,6 +29,7 @@ CASES = {
         select_pooled=True,
         select_query_span=6,  # the queries before a shard come from the rank before it
         select_within_segment=True,
+        select_ranking_dims=4,  # of 8: the queries before a shard are sliced after the gather
     ),
 }
 

@@ -173,21 +173,40 @@ def test_transformers_conventions(exported):
         loaded.generate(tokens, past_key_values=short, **greedy)
 
 
-def test_a_query_span_decodes_without_the_cache_and_refuses_it(tmp_path):
-    """select_query_span ranks by queries a transformers cache does not hold: generate with
-    use_cache=False equals LongNetLM's cached decoding, and the cache is refused by name."""
+def exported_selecting(tmp_path, **selection):
+    """A small LongNetLM with the content-selected pattern and the model AutoModelForCausalLM
+    loads from its export (no end-of-text token: generation runs its full length)."""
     config = LongNetConfig(
         vocab_size=40, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=48,
         segment_lengths=(8,), dilation_rates=(1,), position="rotary", select_top_k=2,
-        select_block_size=4, select_pooled=True, select_query_span=5,
+        select_block_size=4, select_pooled=True, **selection,
     )  # fmt: skip
     torch.manual_seed(0)
     model = LongNetLM(config).eval()
     loaded = transformers.AutoModelForCausalLM.from_pretrained(model.save_pretrained(tmp_path))
     loaded.generation_config.eos_token_id = None
+    return model, loaded.eval()
+
+
+def test_a_query_span_decodes_without_the_cache_and_refuses_it(tmp_path):
+    """select_query_span ranks by queries a transformers cache does not hold: generate with
+    use_cache=False equals LongNetLM's cached decoding, and the cache is refused by name."""
+    model, loaded = exported_selecting(tmp_path, select_query_span=5)
     tokens = torch.randint(0, 40, (2, 20), generator=torch.Generator().manual_seed(4))
     greedy = dict(max_new_tokens=10, do_sample=False)
     expected = model.generate(tokens, 10, top_k=1)
-    assert torch.equal(loaded.eval().generate(tokens, use_cache=False, **greedy), expected)
+    assert torch.equal(loaded.generate(tokens, use_cache=False, **greedy), expected)
     with pytest.raises(ValueError, match="select_query_span=5: a transformers cache"):
         loaded.generate(tokens, **greedy)
+
+
+def test_ranking_dims_export_and_decode_with_the_cache(tmp_path):
+    """select_ranking_dims (and the partial rotary it brings) survives the export: the loaded
+    model's logits and its greedy generation with a transformers cache equal LongNetLM's."""
+    model, loaded = exported_selecting(tmp_path, select_ranking_dims=4)
+    assert loaded.config.to_longnet().select_ranking_dims == 4
+    tokens = torch.randint(0, 40, (2, 20), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, model(tokens).logits)
+    expected = model.generate(tokens, 10, top_k=1)
+    assert torch.equal(loaded.generate(tokens, max_new_tokens=10, do_sample=False), expected)

@@ -55,6 +55,7 @@ def random_case(seed: int):
         options.update(select_top_k=r.randint(1, 3), select_block_size=r.randint(1, 4))
         options.update(select_pooled=r.random() < 0.5, select_query_span=r.choice([1, 3, 6]))
         options.update(select_within_segment=r.random() < 0.5)
+        options.update(select_ranking_dims=r.choice([0, 1, 3]))  # of 4 or 8
     cuts = sorted(r.sample(range(1, batch * n), min(batch * n - 1, r.randint(0, 6))))
     cu_seqlens = [0, *cuts, batch * n]
     if r.random() < 0.3:  # an empty document
