@@ -106,6 +106,13 @@ class BlockConfig:
             select_ranking_dims=self.select_ranking_dims,
         )  # fmt: skip
         check_ranking_dims(self.select_ranking_dims, self.head_dim)
+        for name in (
+            "select_top_k",
+            "select_block_size",
+            "select_query_span",
+            "select_ranking_dims",
+        ):
+            setattr(self, name, int(getattr(self, name)))  # numpy ints as ints (checked above)
         flags = ("qk_norm", "bias", "activation_checkpointing", "shift_heads_by_layer")
         for name in (*flags, "offload_checkpoints"):
             flag(name, getattr(self, name))

@@ -73,7 +73,12 @@ class Rotary:
     extra_dims = 0
 
     def __init__(self, head_dim: int, base: float = 10000.0, dims: int | None = None):
-        self.dims, self.base = head_dim if dims is None else dims, base
+        dims = head_dim if dims is None else dims
+        if not 0 < dims <= head_dim or dims % 2:
+            raise ValueError(
+                f"rotary turns an even number of dims in 2 .. {head_dim} (the head dim), got {dims}"
+            )
+        self.dims, self.base = dims, base
 
     def _exponents(self, device) -> torch.Tensor:
         """(R/2,) float64: 2i/R."""

@@ -1,10 +1,12 @@
 """The training config tree: every file in configs/ against the schema, layering, numbers, bad
 input (also through the real command line: one line, exit status 2)."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -236,3 +238,13 @@ def test_deepspeed_batch_sizes_count_data_parallel_ranks():
     bad = load_config(TINY, ["deepspeed.train_batch_size=5"])
     with pytest.raises(ValueError, match="train_batch_size=5"):
         deepspeed_config(bad, data_parallel=1)
+
+
+def test_selection_counts_are_stored_as_ints():
+    """numpy ints are accepted and stored as ints, so the config serialises."""
+    config = LongNetConfig.preset(
+        "longnet-tiny", position="rotary", select_top_k=np.int64(2),
+        select_query_span=np.int64(3), select_ranking_dims=np.int64(4),
+    )  # fmt: skip
+    assert json.dumps(config.to_dict())
+    assert type(config.select_ranking_dims) is int

@@ -135,3 +135,9 @@ def test_partial_rotary_turns_the_first_dims_only():
     expected = encoded_logits("rotary", q, k, positions, unencoded_dims=unencoded)
     shifted = encoded_logits("rotary", q, k, positions + 977, unencoded_dims=unencoded)
     torch.testing.assert_close(shifted, expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("unencoded", [3, 16, 17, -2])
+def test_partial_rotary_refuses_what_it_cannot_turn(unencoded):
+    with pytest.raises(ValueError, match=f"got {DIM - unencoded}"):
+        make_positions("rotary", HEADS, DIM, unencoded_dims=unencoded)
