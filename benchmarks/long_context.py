@@ -90,6 +90,8 @@ EXPERIMENTS = {
             "select-pooled-k32-span16-near", "select-pooled-k32-near",
             "select-pooled-k32-near-seed1", "select-pooled-k32-nope", "select-pooled-k32-seed3",
             "select-pooled-k32-content", "select-pooled-k32-content-seed1",
+            "select-pooled-k32-decay", "select-pooled-k32-decay-seed1",
+            "select-pooled-k32-content-decay", "select-pooled-k32-content-decay-seed1",
         ),
         contexts=(256, 512, 1024, 2048),
         record="far-retrieval.json",
