@@ -92,6 +92,7 @@ EXPERIMENTS = {
             "select-pooled-k32-content", "select-pooled-k32-content-seed1",
             "select-pooled-k32-decay", "select-pooled-k32-decay-seed1",
             "select-pooled-k32-content-decay", "select-pooled-k32-content-decay-seed1",
+            "select-pooled-k32-content-decay-seed2",
         ),
         contexts=(256, 512, 1024, 2048),
         record="far-retrieval.json",
