@@ -78,6 +78,8 @@ def ranking_part(x: torch.Tensor, dims: int) -> torch.Tensor:
 
 def _widen(grad: torch.Tensor, dims: int) -> torch.Tensor:
     """The gradient (..., D) of ranking_part's result as one of its input (..., dims)."""
+    if grad.shape[-1] == dims:  # all dims rank: no copy
+        return grad
     return torch.nn.functional.pad(grad, (dims - grad.shape[-1], 0))
 
 
@@ -236,8 +238,9 @@ def forward(
     query_span, queries_before, ranking_dims: how the blocks are ranked (ranking_queries, by
     ranking_part of q and k)."""
     ranking, ranking_keys = _ranking(q, k, query_span, queries_before, query_offset, ranking_dims)
+    means = block_means(ranking_keys, block_size)
     chosen = _chosen_forward(
-        q, ranking, k, v, ranking_keys, block_size, top_k, window, scale, kernel, query_offset
+        q, ranking, k, v, means, block_size, top_k, window, scale, kernel, query_offset
     )
     if not pooled:
         return chosen
@@ -253,15 +256,14 @@ def _ranking(q, k, query_span, queries_before, query_offset, ranking_dims):
 
 
 def _chosen_forward(
-    q, ranking, k, v, ranking_keys, block_size, top_k, window, scale, kernel, query_offset
+    q, ranking, k, v, means, block_size, top_k, window, scale, kernel, query_offset
 ):
     """forward without the pooled pattern, the blocks ranked by `ranking` (b, n, h, D) against
-    the block means of `ranking_keys` (b, s, g, D)."""
+    the block means (b, m, g, D) of the ranking keys."""
     acc = accumulation_dtype(q.dtype)
     out = torch.zeros(q.shape, dtype=acc, device=q.device)
     lse = torch.full(q.shape[:3], -math.inf, dtype=acc, device=q.device)
     # A NaN in a block's ranking keys makes it score NaN: topk ranks it first.
-    means = block_means(ranking_keys, block_size)
     heads, kv_heads = q.shape[2], k.shape[2]
     # NOTE: both forms multiply zero weights by the keys and values of blocks a query did not
     # choose, so a NaN would reach queries that never read it. On CPU, NaN entries enter as 0
@@ -320,8 +322,9 @@ def backward(
     queries_before (the pooled pattern's, through the ranking queries; zeros without it)."""
     ranking, ranking_keys = _ranking(q, k, query_span, queries_before, query_offset, ranking_dims)
     before_len = 0 if queries_before is None else queries_before.shape[1]
+    means = block_means(ranking_keys, block_size)
     grad_q, grad_k, grad_v = _chosen_backward(
-        grad_out, q, ranking, k, v, ranking_keys, out, lse, block_size, top_k, window, scale,
+        grad_out, q, ranking, k, v, means, out, lse, block_size, top_k, window, scale,
         kernel, query_offset,
     )  # fmt: skip
     if not pooled:
@@ -341,16 +344,15 @@ def backward(
 
 
 def _chosen_backward(
-    grad_out, q, ranking, k, v, ranking_keys, out, lse, block_size, top_k, window, scale, kernel,
+    grad_out, q, ranking, k, v, means, out, lse, block_size, top_k, window, scale, kernel,
     query_offset,
 ):  # fmt: skip
     """backward's part of the chosen blocks, (dq, dk, dv), the blocks ranked by `ranking`
-    against `ranking_keys` (as in _chosen_forward)."""
+    against the block means `means` (as in _chosen_forward)."""
     acc = accumulation_dtype(q.dtype)
     grad_q = torch.zeros(q.shape, dtype=acc, device=q.device)
     grad_k = torch.zeros(k.shape, dtype=acc, device=k.device)
     grad_v = torch.zeros(v.shape, dtype=acc, device=v.device)
-    means = block_means(ranking_keys, block_size)
     (batch, n, kv_heads, dim), heads = k.shape, q.shape[2]
     masked = masks(n, block_size, top_k, kernel)
     if not masked:
