@@ -244,7 +244,7 @@ def forward(
     )
     if not pooled:
         return chosen
-    pooled_part = pooled_forward(ranking, ranking_keys, v, block_size, window, scale, query_offset)
+    pooled_part = pooled_forward(ranking, means, v, block_size, window, scale, query_offset)
     return mix(*chosen, *pooled_part)
 
 
@@ -329,7 +329,7 @@ def backward(
     )  # fmt: skip
     if not pooled:
         return grad_q, grad_k, grad_v, grad_q.new_zeros((q.shape[0], before_len, *q.shape[2:]))
-    arguments = (grad_out, ranking, ranking_keys, v, out, lse, block_size, window, scale)
+    arguments = (grad_out, ranking, means, v, out, lse, block_size, window, scale)
     grad_ranking, pooled_k, pooled_v = pooled_backward(*arguments, query_offset)
     pooled_q, grad_before = ranking_backward(
         grad_ranking, ranking, query_span, before_len, query_offset
@@ -406,13 +406,15 @@ def _pooled_chunks(q: torch.Tensor, blocks: int) -> list[tuple[int, int]]:
 
 
 class _Pooled:
-    """The block means of k and v per query head, (b, m, h, d) each in the accumulation dtype,
-    with the blocks whose mean is NaN (b, m, h) zeroed where NaN is tracked exactly (CPU)."""
+    """The block means of the keys (given: key_means (b, m, g, D) from block_means) and of v per
+    query head, (b, m, h, D) and (b, m, h, d) in the accumulation dtype, with the blocks whose
+    mean is NaN (b, m, h) zeroed where NaN is tracked exactly (CPU)."""
 
-    def __init__(self, q, k, v, block_size: int, window: int, scale: float, query_offset: int):
+    def __init__(self, q, key_means, v, block_size, window: int, scale: float, query_offset: int):
         heads = q.shape[2]
         self.keys, self.values = (
-            block_means(x, block_size).repeat_interleave(heads // x.shape[2], dim=2) for x in (k, v)
+            means.repeat_interleave(heads // means.shape[2], dim=2)
+            for means in (key_means, block_means(v, block_size))
         )
         self.nan_blocks = None
         if reads_values_on_host(q.device):
@@ -438,17 +440,18 @@ class _Pooled:
         return scores.masked_fill(~candidate[:, None], -math.inf), candidate
 
 
-def pooled_forward(q, k, v, block_size: int, window: int, scale: float, query_offset=0):
+def pooled_forward(q, key_means, v, block_size: int, window: int, scale: float, query_offset=0):
     """The pooled pattern alone (select_pooled; NSA's compressed attention, pooled by the mean):
     each query attends one key per candidate block, the block's mean key with its mean value.
     Its scores are the ones the top-k choice ranks (q: the ranking queries), so through this
-    pattern the choice's scores get a gradient. Arguments and results as in forward (q and k
-    may hold the D ranking dims only, v all d): out (b, n, h, d) and lse (b, n, h) in the
-    accumulation dtype, lse -inf where a query has no candidate block."""
+    pattern the choice's scores get a gradient. Arguments and results as in forward, with the
+    keys' block means key_means (b, m, g, D) in place of k (q and the means may hold the D
+    ranking dims only, v all d): out (b, n, h, d) and lse (b, n, h) in the accumulation dtype,
+    lse -inf where a query has no candidate block."""
     acc = accumulation_dtype(q.dtype)
     out = torch.zeros((*q.shape[:3], v.shape[-1]), dtype=acc, device=q.device)
     lse = torch.full(q.shape[:3], -math.inf, dtype=acc, device=q.device)
-    pooled = _Pooled(q, k, v, block_size, window, scale, query_offset)
+    pooled = _Pooled(q, key_means, v, block_size, window, scale, query_offset)
     readers = None if pooled.nan_blocks is None else torch.zeros_like(lse, dtype=torch.bool)
     for start, end in _pooled_chunks(q, pooled.keys.shape[1]):
         scores, candidate = pooled.scores(start, end)
@@ -464,14 +467,15 @@ def pooled_forward(q, k, v, block_size: int, window: int, scale: float, query_of
 
 
 def pooled_backward(
-    grad_out, q, k, v, out, lse, block_size: int, window: int, scale: float, query_offset=0
-):
+    grad_out, q, key_means, v, out, lse, block_size: int, window: int, scale: float,
+    query_offset=0,
+):  # fmt: skip
     """(dq, dk, dv) in the accumulation dtype of the pooled pattern's part of the MIXED attention
     (out (b, n, h, d) and lse (b, n, h) of all patterns), dq that of the queries it scored with
-    (the ranking queries): a block's mean passes its gradient to each of its B keys (values)
-    divided by B."""
+    (the ranking queries), dk (b, s, g, D) that of the keys whose block means key_means are: a
+    block's mean passes its gradient to each of its B keys (values) divided by B."""
     acc = accumulation_dtype(q.dtype)
-    pooled = _Pooled(q, k, v, block_size, window, scale, query_offset)
+    pooled = _Pooled(q, key_means, v, block_size, window, scale, query_offset)
     grad_q = torch.zeros(q.shape, dtype=acc, device=q.device)
     grad_keys, grad_values = torch.zeros_like(pooled.keys), torch.zeros_like(pooled.values)
     for start, end in _pooled_chunks(q, pooled.keys.shape[1]):
@@ -484,11 +488,11 @@ def pooled_backward(
         grad_q[:, start:end] = torch.einsum("bchm,bmhd->bchd", grad_scores, pooled.keys)
         grad_keys += torch.einsum("bchm,bchd->bmhd", grad_scores, q[:, start:end].to(acc))
         grad_values += torch.einsum("bchm,bchd->bmhd", probs, d_out)
-    kv_heads = k.shape[2]
+    kv_heads = key_means.shape[2]
     grads = []
-    for x, grad in ((k, grad_keys), (v, grad_values)):
+    for dim, grad in ((key_means.shape[-1], grad_keys), (v.shape[-1], grad_values)):
         per_kv_head = grad.unflatten(2, (kv_heads, -1)).sum(3) / block_size  # (b, m, g, d)
-        total = torch.zeros(x.shape, dtype=acc, device=x.device)
+        total = torch.zeros((*v.shape[:3], dim), dtype=acc, device=v.device)
         total[:, : per_kv_head.shape[1] * block_size] = per_kv_head.repeat_interleave(
             block_size, dim=1
         )
