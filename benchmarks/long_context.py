@@ -96,6 +96,8 @@ EXPERIMENTS = {
             "select-pooled-k32-content-decay-long-seed1",
             "select-pooled-k32-content-decay-long-seed2", "select-pooled-k32-content-decay-span5",
             "select-pooled-k32-content-decay-span5-seed1",
+            "select-pooled-k32-content-decay-deep", "select-pooled-k32-content-decay-deep-seed1",
+            "select-pooled-k32-content-decay-long-seed3",
         ),
         contexts=(256, 512, 1024, 2048),
         record="far-retrieval.json",
