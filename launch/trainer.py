@@ -147,13 +147,15 @@ def validate(config: Config, world_size: int) -> None:
             previous.model != config.model
             or previous.data.seq_len != config.data.seq_len
             or previous.data.seq_len_schedule != config.data.seq_len_schedule
+            or previous.data.passkey_distance_schedule != config.data.passkey_distance_schedule
         ):
             raise ValueError(
                 f"run.output_dir={str(output_dir)!r} was trained with model "
-                f"{previous.model}, data.seq_len={previous.data.seq_len} and seq_len_schedule="
-                f"{previous.data.seq_len_schedule}; this config has {config.model}, "
-                f"{config.data.seq_len} and {config.data.seq_len_schedule}: choose another "
-                f"output_dir"
+                f"{previous.model}, data.seq_len={previous.data.seq_len}, seq_len_schedule="
+                f"{previous.data.seq_len_schedule} and passkey_distance_schedule="
+                f"{previous.data.passkey_distance_schedule}; this config has {config.model}, "
+                f"{config.data.seq_len}, {config.data.seq_len_schedule} and "
+                f"{config.data.passkey_distance_schedule}: choose another output_dir"
             )
     if resume is not None:
         # A damaged marker is left to the Trainer's plan_resume, which may resume an older one.

@@ -560,6 +560,67 @@ def test_passkey_rows_too_short_for_a_key_fail_at_load(tmp_path):
         load(config)
 
 
+def key_distances(rows: dict[str, torch.Tensor]) -> list[int]:
+    """Per planted row: tokens from the key line's first token to the question's first."""
+    distances = []
+    for ids, last in zip(rows["input_ids"].tolist(), rows["labels"][:, -1].tolist(), strict=True):
+        text = bytes(t for t in ids + [last] if t < 256)
+        question = text.rfind(b"\n# what is the pass key?")
+        distances.append(question - text.find(b"\n# the pass key is "))
+    return distances
+
+
+def test_passkey_distance_curriculum_caps_the_keys_distance(tmp_path):
+    schedule = [[0, 30], [4, 90], [8, 10_000]]
+    config = DataConfig(
+        **SMALL_STDLIB | dict(seq_len=256),
+        cache_dir=str(tmp_path),
+        passkey_fraction=1.0,
+        passkey_distance_schedule=schedule,
+    )
+    train = load(config).train
+    anywhere = load(config.model_copy(update={"passkey_distance_schedule": None})).train
+    batch = dict(micro_step=0, dp_rank=0, dp_size=1, micro_batch_size=64, grad_accum=1)
+    near, farther = (
+        key_distances(train.batch_for(0, **batch)),
+        key_distances(train.batch_for(5, **batch)),
+    )
+    assert set(near) == set(range(26, 31))  # the key's line is 26 tokens long
+    assert 26 <= min(farther) < 40 and 80 < max(farther) <= 90
+    uncapped = key_distances(anywhere.batch_for(5, **batch))
+    assert max(uncapped) > 150
+    # A cap beyond the row is no cap: the same rows as without a curriculum, so a run with
+    # the schedule reads at its last stage what one without it reads.
+    for name, values in train.batch_for(9, **batch).items():
+        assert torch.equal(values, anywhere.batch_for(9, **batch)[name]), name
+    # A pure function of (row, step): a resumed run reads the same batch.
+    assert torch.equal(
+        train.batch_for(5, **batch)["input_ids"], train.batch_for(5, **batch)["input_ids"]
+    )
+    assert train.max_distance_at(3) == 30 and train.max_distance_at(4) == 90
+
+
+def test_passkey_distance_schedule_errors_name_the_value(tmp_path):
+    with pytest.raises(ValueError, match="passkey_distance_schedule needs data.passkey_fraction"):
+        DataConfig(passkey_distance_schedule=[[0, 100]])
+    with pytest.raises(ValueError, match="passkey_distance_schedule steps must start at 0"):
+        DataConfig(passkey_fraction=1.0, passkey_distance_schedule=[[3, 100]])
+    with pytest.raises(ValueError, match="passkey_distance_schedule distance 0 must be a positive"):
+        DataConfig(passkey_fraction=1.0, passkey_distance_schedule=[[0, 0]])
+    config = DataConfig(
+        **SMALL_STDLIB | dict(seq_len=128),
+        cache_dir=str(tmp_path),
+        passkey_fraction=1.0,
+        passkey_distance_schedule=[[0, 20], [5, 100]],
+    )
+    with pytest.raises(
+        ValueError,
+        match="passkey_distance_schedule: a pass key distance of 20 tokens is shorter than the "
+        "key's line \\(26 tokens\\)",
+    ):
+        load(config)
+
+
 def test_seq_len_schedule_stages():
     config = DataConfig(seq_len=256, seq_len_schedule=[[0, 64], [10, 128], [20, 256]])
     assert [config.seq_len_at(s) for s in (0, 9, 10, 19, 20, 10**6)] == [64, 64, 128, 128, 256, 256]

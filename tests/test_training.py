@@ -346,6 +346,10 @@ def test_step_seeds_do_not_depend_on_pythons_hash():
         (["data.source=files", "data.path={empty}"], "empty"),
         (["checkpoint.resume=none"], "already holds checkpoints"),
         (["model.num_layers=3"], "choose another output_dir"),
+        (
+            ["data.passkey_fraction=1.0", "data.passkey_distance_schedule=[[0, 40]]"],
+            "passkey_distance_schedule=None; this config has",
+        ),
         # The run was saved by one process; resuming it with two is refused, naming both.
         (
             ["parallel.sequence_parallel_size=2"],

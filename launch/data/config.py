@@ -29,6 +29,15 @@ def _describe(error: dict) -> str:
     return f"{key}: {error['msg']}, got {error['input']!r}"
 
 
+def _check_steps(name: str, form: str, schedule: list[list[int]]) -> None:
+    """A schedule's steps start at 0 and rise."""
+    if not schedule:
+        raise ValueError(f"{name} must be {form}, got {schedule}")
+    steps = [step for step, _ in schedule]
+    if steps[0] != 0 or any(a >= b for a, b in zip(steps, steps[1:], strict=False)):
+        raise ValueError(f"{name} steps must start at 0 and rise, got {steps}")
+
+
 class DataConfig(BaseModel):
     """The `data:` section of the training config. Bad values raise ValueError naming the key
     (`data.seq_len: Input should be greater than 0, got 0`).
@@ -52,6 +61,11 @@ class DataConfig(BaseModel):
         steps: from `step` on, training rows hold `length` tokens (a divisor of seq_len) and each
         micro-batch seq_len / length times as many rows, so the tokens per step stay the same.
         None: seq_len throughout. Evaluation and checkpoints ignore it.
+    passkey_distance_schedule: a distance curriculum, [[step, tokens], ...] from step 0 on with
+        rising steps: from `step` on, a training row's pass key lies at most `tokens` before its
+        question (longnet.launch.data.passkey), the rows keeping their length, so every
+        pattern of the full context trains from the start while the lookup reaches farther.
+        Needs passkey_fraction > 0. None: the key anywhere in the row.
     document_boundaries: each document of a packed row (its tokens up to and including its
         EOS) is its own sequence in attention: no key crosses a document boundary and segments
         start at each document's first token (longnet.dilated_attention's cu_seqlens), also
@@ -76,6 +90,9 @@ class DataConfig(BaseModel):
     num_proc: PositiveInt = 1
     passkey_fraction: Annotated[float, Field(ge=0, le=1)] = 0.0
     seq_len_schedule: list[Annotated[list[int], Field(min_length=2, max_length=2)]] | None = None
+    passkey_distance_schedule: (
+        list[Annotated[list[int], Field(min_length=2, max_length=2)]] | None
+    ) = None
     document_boundaries: bool = False
 
     def __init__(self, **values):
@@ -98,6 +115,8 @@ class DataConfig(BaseModel):
             )
         if self.seq_len_schedule is not None:
             self._check_schedule(self.seq_len_schedule)
+        if self.passkey_distance_schedule is not None:
+            self._check_distance_schedule(self.passkey_distance_schedule)
         if self.document_boundaries and self.passkey_fraction:
             raise ValueError(
                 "data.document_boundaries=true cannot go with data.passkey_fraction > 0: a pass "
@@ -106,15 +125,24 @@ class DataConfig(BaseModel):
         return self
 
     def _check_schedule(self, schedule: list[list[int]]) -> None:
-        if not schedule:
-            raise ValueError(f"data.seq_len_schedule must be [[step, length], ...], got {schedule}")
-        steps = [step for step, _ in schedule]
-        if steps[0] != 0 or any(a >= b for a, b in zip(steps, steps[1:], strict=False)):
-            raise ValueError(f"data.seq_len_schedule steps must start at 0 and rise, got {steps}")
+        _check_steps("data.seq_len_schedule", "[[step, length], ...]", schedule)
         for _, length in schedule:
             if length < 1 or self.seq_len % length:
                 raise ValueError(
                     f"data.seq_len_schedule length {length} must divide data.seq_len={self.seq_len}"
+                )
+
+    def _check_distance_schedule(self, schedule: list[list[int]]) -> None:
+        _check_steps("data.passkey_distance_schedule", "[[step, tokens], ...]", schedule)
+        if not self.passkey_fraction:
+            raise ValueError(
+                "data.passkey_distance_schedule needs data.passkey_fraction > 0 (rows with keys)"
+            )
+        for _, tokens in schedule:
+            if tokens < 1:
+                raise ValueError(
+                    f"data.passkey_distance_schedule distance {tokens} must be a positive number "
+                    "of tokens"
                 )
 
     def seq_len_at(self, step: int) -> int:

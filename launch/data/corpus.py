@@ -17,7 +17,7 @@ from longnet.checks import positive_int
 from .cache import ensure_cache
 from .config import DataConfig
 from .packing import PackedDataset, TokenStream
-from .passkey import DIGITS, PasskeyDataset, plant
+from .passkey import DIGITS, PasskeyDataset, lowest_depth, plant
 from .tokenizer import Tokenizer
 
 
@@ -71,7 +71,9 @@ def load(config: DataConfig) -> Corpus:
         for name in stats
     }
     if config.passkey_fraction:
-        splits["train"] = PasskeyDataset(splits["train"], tokenizer, config.passkey_fraction)
+        splits["train"] = PasskeyDataset(
+            splits["train"], tokenizer, config.passkey_fraction, config.passkey_distance_schedule
+        )
         shortest = min(length for _, length in config.seq_len_schedule or [[0, config.seq_len]])
         try:
             plant(np.zeros(shortest + 1, np.int64), tokenizer, "0" * DIGITS, 0.0)
@@ -79,4 +81,9 @@ def load(config: DataConfig) -> Corpus:
             raise ValueError(
                 f"data.passkey_fraction with rows of {shortest} tokens: {error}"
             ) from None
+        for _, tokens in config.passkey_distance_schedule or []:
+            try:
+                lowest_depth(shortest + 1, tokenizer, "0" * DIGITS, tokens)
+            except ValueError as error:
+                raise ValueError(f"data.passkey_distance_schedule: {error}") from None
     return Corpus(tokenizer, splits["train"], splits.get("validation"), path, from_cache, stats)

@@ -9,10 +9,15 @@
     labels   the row's next tokens, as for the corpus; the answer's labels together weigh as much
              as all the others (loss_weights), so retrieval is not drowned by language modelling
     choice   whether a training row holds a key, the key and its depth are pure functions of
-             (seed, row index): a resumed run reads the same rows
+             (seed, row index) and, with a distance curriculum, of the step's longest distance:
+             a resumed run reads the same rows
 
 Depth d in [0, 1] puts the key's first token at round(d * room), room = n + 1 - len(KEY) -
 len(QUESTION + answer): d = 0 is the start of the window, d = 1 right before the question.
+The key's distance is the number of tokens from its first token to the question's first
+(len(KEY) at d = 1). A distance curriculum (data.passkey_distance_schedule) caps it: the depth
+is drawn uniformly from the depths whose distance is at most the cap, so the rows keep their
+length while the lookup starts near and reaches farther as training goes on.
 """
 
 from __future__ import annotations
@@ -40,6 +45,22 @@ def prompt_parts(tokenizer: Tokenizer, key: str) -> tuple[list[int], list[int], 
     return tokenizer.encode(KEY.format(key)), tokenizer.encode(QUESTION), tokenizer.encode(key)
 
 
+def lowest_depth(length: int, tokenizer: Tokenizer, key: str, max_distance: int) -> float:
+    """The smallest depth at which `key` planted in a row of `length` tokens lies at most
+    max_distance tokens before the question (module notes). ValueError when even depth 1 is
+    farther."""
+    key_ids, question, answer = prompt_parts(tokenizer, key)
+    if max_distance < len(key_ids):
+        raise ValueError(
+            f"a pass key distance of {max_distance} tokens is shorter than the key's line "
+            f"({len(key_ids)} tokens)"
+        )
+    room = length - len(key_ids) - len(question) - len(answer)
+    if room <= 0:
+        return 0.0
+    return min(1.0, max(0.0, 1.0 - (max_distance - len(key_ids)) / room))
+
+
 def plant(row: np.ndarray, tokenizer: Tokenizer, key: str, depth: float) -> tuple[np.ndarray, int]:
     """row (n + 1,) with the key at `depth` and the question and answer at its end: (the new row,
     where the answer starts in it). ValueError when the row is too short to hold them."""
@@ -61,13 +82,29 @@ def plant(row: np.ndarray, tokenizer: Tokenizer, key: str, depth: float) -> tupl
 
 class PasskeyDataset(PackedDataset):
     """A PackedDataset whose rows hold a pass key with probability `fraction` (per row index, see
-    the module notes); rows carry loss_weights (1 everywhere but on a planted answer)."""
+    the module notes); rows carry loss_weights (1 everywhere but on a planted answer).
+    distance_schedule [[step, tokens], ...] (DataConfig.passkey_distance_schedule): from `step`
+    on, the training batches' keys lie at most `tokens` before the question; None: anywhere."""
 
-    def __init__(self, packed: PackedDataset, tokenizer: Tokenizer, fraction: float):
+    def __init__(
+        self, packed: PackedDataset, tokenizer: Tokenizer, fraction: float, distance_schedule=None
+    ):
         self.__dict__.update(copy.copy(packed).__dict__)
         self.tokenizer, self.fraction = tokenizer, fraction
+        self.distance_schedule = distance_schedule
 
-    def rows(self, indices) -> dict[str, torch.Tensor]:
+    def max_distance_at(self, step: int) -> int | None:
+        """The distance curriculum's cap at optimizer step `step` (None: no cap)."""
+        if self.distance_schedule is None:
+            return None
+        return [tokens for start, tokens in self.distance_schedule if start <= step][-1]
+
+    def batch_for(self, step: int, *args, **kwargs) -> dict[str, torch.Tensor]:
+        """PackedDataset.batch_for, the keys within the step's distance cap."""
+        return self.rows(self.indices_for(step, *args, **kwargs), self.max_distance_at(step))
+
+    def rows(self, indices, max_distance: int | None = None) -> dict[str, torch.Tensor]:
+        """PackedDataset.rows with the keys planted; max_distance caps the keys' distance."""
         rows = super().rows(indices)
         block = torch.cat([rows["input_ids"], rows["labels"][:, -1:]], dim=1).numpy()
         weights = torch.ones(rows["labels"].shape, dtype=torch.float32)  # (rows, n)
@@ -75,7 +112,11 @@ class PasskeyDataset(PackedDataset):
             rng = np.random.default_rng([self.seed, 0x9A55, int(index)])
             if rng.random() >= self.fraction:
                 continue
-            block[i], answer = plant(block[i], self.tokenizer, random_key(rng), rng.random())
+            key, depth = random_key(rng), rng.random()
+            if max_distance is not None:  # uniform over the depths within the cap
+                lowest = lowest_depth(len(block[i]), self.tokenizer, key, max_distance)
+                depth = lowest + (1.0 - lowest) * depth
+            block[i], answer = plant(block[i], self.tokenizer, key, depth)
             labeled = len(block[i]) - 1  # labels of the row: positions 0 .. n - 1
             digits = labeled - answer + 1
             weights[i, answer - 1 :] = (labeled - digits) / digits
