@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from longnet.launch.data import ByteTokenizer, DataConfig, check, load, make_tokenizer, prepare
-from longnet.launch.data.passkey import plant
+from longnet.launch.data.passkey import lowest_depth, plant
 from longnet.launch.data.tokenizer import HFTokenizer, exported_tokenizer
 
 EOS = ByteTokenizer.eos_id
@@ -561,43 +561,60 @@ def test_passkey_rows_too_short_for_a_key_fail_at_load(tmp_path):
 
 
 def key_distances(rows: dict[str, torch.Tensor]) -> list[int]:
-    """Per planted row: tokens from the key line's first token to the question's first."""
+    """Per row: tokens from the key line's first token to the question's first (byte ids)."""
+    key, question = b"\n# the pass key is ", b"\n# what is the pass key?"
     distances = []
     for ids, last in zip(rows["input_ids"].tolist(), rows["labels"][:, -1].tolist(), strict=True):
-        text = bytes(t for t in ids + [last] if t < 256)
-        question = text.rfind(b"\n# what is the pass key?")
-        distances.append(question - text.find(b"\n# the pass key is "))
+        ids = ids + [last]
+        starts = [
+            [i for i in range(len(ids)) if ids[i : i + len(text)] == list(text)]
+            for text in (key, question)
+        ]
+        assert len(starts[0]) == len(starts[1]) == 1, starts
+        distances.append(starts[1][0] - starts[0][0])
     return distances
 
 
 def test_passkey_distance_curriculum_caps_the_keys_distance(tmp_path):
-    schedule = [[0, 30], [4, 90], [8, 10_000]]
     config = DataConfig(
         **SMALL_STDLIB | dict(seq_len=256),
         cache_dir=str(tmp_path),
         passkey_fraction=1.0,
-        passkey_distance_schedule=schedule,
+        passkey_distance_schedule=[[0, 30], [4, 90], [8, 10_000]],
     )
     train = load(config).train
     anywhere = load(config.model_copy(update={"passkey_distance_schedule": None})).train
     batch = dict(micro_step=0, dp_rank=0, dp_size=1, micro_batch_size=64, grad_accum=1)
-    near, farther = (
-        key_distances(train.batch_for(0, **batch)),
-        key_distances(train.batch_for(5, **batch)),
-    )
+    near = key_distances(train.batch_for(0, **batch))
+    farther = key_distances(train.batch_for(5, **batch))
     assert set(near) == set(range(26, 31))  # the key's line is 26 tokens long
-    assert 26 <= min(farther) < 40 and 80 < max(farther) <= 90
-    uncapped = key_distances(anywhere.batch_for(5, **batch))
-    assert max(uncapped) > 150
-    # A cap beyond the row is no cap: the same rows as without a curriculum, so a run with
-    # the schedule reads at its last stage what one without it reads.
+    assert min(farther) < 40 and 80 < max(farther) <= 90
+    assert max(key_distances(anywhere.batch_for(5, **batch))) > 150
+    # A cap beyond the row is no cap: the same rows as without a curriculum.
     for name, values in train.batch_for(9, **batch).items():
         assert torch.equal(values, anywhere.batch_for(9, **batch)[name]), name
-    # A pure function of (row, step): a resumed run reads the same batch.
-    assert torch.equal(
-        train.batch_for(5, **batch)["input_ids"], train.batch_for(5, **batch)["input_ids"]
+    # A function of (row, step): a fresh load (a resumed run) and a step split into two ranks
+    # of two micro-batches each read the same rows.
+    whole = train.batch_for(5, **batch)["input_ids"]
+    fresh = load(config).train.batch_for(5, **batch)["input_ids"]
+    split = [
+        train.batch_for(5, micro, rank, 2, 16, 2)["input_ids"]
+        for micro in (0, 1)
+        for rank in (0, 1)
+    ]
+    assert torch.equal(fresh, whole) and torch.equal(torch.cat(split), whole)
+
+
+def test_passkey_distance_cap_below_a_keys_line_plants_it_nearest():
+    tokenizer = ByteTokenizer()
+    assert lowest_depth(200, tokenizer, "12345", 10) == 1.0
+    assert lowest_depth(200, tokenizer, "12345", 26) == 1.0
+    assert lowest_depth(200, tokenizer, "12345", 10_000) == 0.0
+    row, _ = plant(
+        np.zeros(200, np.int64), tokenizer, "12345", lowest_depth(200, tokenizer, "12345", 50)
     )
-    assert train.max_distance_at(3) == 30 and train.max_distance_at(4) == 90
+    text = bytes(row.tolist())
+    assert text.rfind(b"\n# what is the pass key?") - text.find(b"\n# the pass key is ") == 50
 
 
 def test_passkey_distance_schedule_errors_name_the_value(tmp_path):

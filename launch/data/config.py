@@ -29,6 +29,11 @@ def _describe(error: dict) -> str:
     return f"{key}: {error['msg']}, got {error['input']!r}"
 
 
+def stage_at(schedule: list[list[int]], step: int) -> int:
+    """The value of a [[step, value], ...] schedule (steps from 0, rising) at `step`."""
+    return [value for start, value in schedule if start <= step][-1]
+
+
 def _check_steps(name: str, form: str, schedule: list[list[int]]) -> None:
     """A schedule's steps start at 0 and rise."""
     if not schedule:
@@ -149,4 +154,4 @@ class DataConfig(BaseModel):
         """The training row length of optimizer step `step` (the curriculum's stage)."""
         if self.seq_len_schedule is None:
             return self.seq_len
-        return [length for start, length in self.seq_len_schedule if start <= step][-1]
+        return stage_at(self.seq_len_schedule, step)

@@ -17,7 +17,7 @@ from longnet.checks import positive_int
 from .cache import ensure_cache
 from .config import DataConfig
 from .packing import PackedDataset, TokenStream
-from .passkey import DIGITS, PasskeyDataset, lowest_depth, plant
+from .passkey import DIGITS, PasskeyDataset, plant, prompt_parts
 from .tokenizer import Tokenizer
 
 
@@ -81,9 +81,11 @@ def load(config: DataConfig) -> Corpus:
             raise ValueError(
                 f"data.passkey_fraction with rows of {shortest} tokens: {error}"
             ) from None
+        key_line = len(prompt_parts(tokenizer, "0" * DIGITS)[0])
         for _, tokens in config.passkey_distance_schedule or []:
-            try:
-                lowest_depth(shortest + 1, tokenizer, "0" * DIGITS, tokens)
-            except ValueError as error:
-                raise ValueError(f"data.passkey_distance_schedule: {error}") from None
+            if tokens < key_line:
+                raise ValueError(
+                    f"data.passkey_distance_schedule: a pass key distance of {tokens} tokens is "
+                    f"shorter than the key's line ({key_line} tokens)"
+                )
     return Corpus(tokenizer, splits["train"], splits.get("validation"), path, from_cache, stats)

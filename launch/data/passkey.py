@@ -16,8 +16,9 @@ Depth d in [0, 1] puts the key's first token at round(d * room), room = n + 1 - 
 len(QUESTION + answer): d = 0 is the start of the window, d = 1 right before the question.
 The key's distance is the number of tokens from its first token to the question's first
 (len(KEY) at d = 1). A distance curriculum (data.passkey_distance_schedule) caps it: the depth
-is drawn uniformly from the depths whose distance is at most the cap, so the rows keep their
-length while the lookup starts near and reaches farther as training goes on.
+is drawn uniformly from the depths whose distance is at most the cap (the nearest, depth 1,
+where the cap is shorter than the key's line), so the rows keep their length while the lookup
+starts near and reaches farther as training goes on.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import copy
 import numpy as np
 import torch
 
+from .config import stage_at
 from .packing import PackedDataset
 from .tokenizer import Tokenizer
 
@@ -47,14 +49,9 @@ def prompt_parts(tokenizer: Tokenizer, key: str) -> tuple[list[int], list[int], 
 
 def lowest_depth(length: int, tokenizer: Tokenizer, key: str, max_distance: int) -> float:
     """The smallest depth at which `key` planted in a row of `length` tokens lies at most
-    max_distance tokens before the question (module notes). ValueError when even depth 1 is
-    farther."""
+    max_distance tokens before the question (module notes); 1 (the nearest) where even depth 1
+    is farther: a tokenizer may encode some keys' lines longer than the one checked at load."""
     key_ids, question, answer = prompt_parts(tokenizer, key)
-    if max_distance < len(key_ids):
-        raise ValueError(
-            f"a pass key distance of {max_distance} tokens is shorter than the key's line "
-            f"({len(key_ids)} tokens)"
-        )
     room = length - len(key_ids) - len(question) - len(answer)
     if room <= 0:
         return 0.0
@@ -93,15 +90,10 @@ class PasskeyDataset(PackedDataset):
         self.tokenizer, self.fraction = tokenizer, fraction
         self.distance_schedule = distance_schedule
 
-    def max_distance_at(self, step: int) -> int | None:
-        """The distance curriculum's cap at optimizer step `step` (None: no cap)."""
-        if self.distance_schedule is None:
-            return None
-        return [tokens for start, tokens in self.distance_schedule if start <= step][-1]
-
     def batch_for(self, step: int, *args, **kwargs) -> dict[str, torch.Tensor]:
         """PackedDataset.batch_for, the keys within the step's distance cap."""
-        return self.rows(self.indices_for(step, *args, **kwargs), self.max_distance_at(step))
+        cap = None if self.distance_schedule is None else stage_at(self.distance_schedule, step)
+        return self.rows(self.indices_for(step, *args, **kwargs), cap)
 
     def rows(self, indices, max_distance: int | None = None) -> dict[str, torch.Tensor]:
         """PackedDataset.rows with the keys planted; max_distance caps the keys' distance."""
