@@ -99,7 +99,6 @@ EXPERIMENTS = {
             "select-pooled-k32-content-decay-deep", "select-pooled-k32-content-decay-deep-seed1",
             "select-pooled-k32-content-decay-long-seed3",
             "select-pooled-k32-content-decay-distance",
-            "select-pooled-k32-content-decay-distance-seed1",
         ),
         contexts=(256, 512, 1024, 2048),
         record="far-retrieval.json",
