@@ -286,8 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     model, data = load_model(args.model, None)
-    data.passkey_fraction, data.seq_len_schedule = 0.0, None
-    corpus = load(data)
+    corpus = load(data.for_evaluation())
     records = json.loads(args.eval.read_text())["passkey_windows"] if args.eval else []
     ordered = [r for r in records if r["context"] == args.context]
     exact = {}

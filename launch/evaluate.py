@@ -362,8 +362,7 @@ def main(argv: list[str] | None = None) -> None:
             )
         model, grid = sequence_parallel(model, tasks, args.context_lengths)
         model = model.to(runtime.device())
-        data.passkey_fraction, data.seq_len_schedule = 0.0, None
-        corpus = load(data)
+        corpus = load(data.for_evaluation())
         windows(corpus, max(args.context_lengths), args.windows)  # enough, before any task runs
         results = evaluate(
             model,

@@ -107,6 +107,26 @@ def test_perplexity_equals_the_trainers_evaluation(tmp_path):
     ).is_file()
 
 
+def test_training_rows_options_leave_the_evaluation_corpus_alone(tmp_path):
+    """A run trained with pass keys and a distance curriculum is evaluated on the plain corpus:
+    the perplexity of a config without them."""
+    import yaml
+
+    run = reference_run("baseline")
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["data"] |= {"passkey_fraction": 1.0, "passkey_distance_schedule": [[0, 100]]}
+    trained_with_keys = tmp_path / "keys.yaml"
+    trained_with_keys.write_text(yaml.safe_dump(config))
+    losses = []
+    for extra in ([], ["--data-config", str(trained_with_keys)]):
+        output = tmp_path / f"eval{len(extra)}.json"
+        command = [sys.executable, "launch/evaluate.py", str(run), "--tasks", "perplexity"]
+        command += ["--context-lengths", "512", "--windows", "2", "--output", str(output), *extra]
+        subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
+        losses.append(json.loads(output.read_text())["perplexity"]["512"]["loss"])
+    assert losses[1] == losses[0]
+
+
 def test_sequence_parallel_evaluation_equals_one_process(tmp_path):
     """Two ranks each holding half of every window (torchrun) measure what one process does."""
     run = reference_run("baseline")

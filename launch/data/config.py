@@ -150,6 +150,12 @@ class DataConfig(BaseModel):
                     "of tokens"
                 )
 
+    def for_evaluation(self) -> DataConfig:
+        """The same corpus without what only training rows have: planted keys, curricula."""
+        return self.model_copy(
+            update=dict(passkey_fraction=0.0, seq_len_schedule=None, passkey_distance_schedule=None)
+        )
+
     def seq_len_at(self, step: int) -> int:
         """The training row length of optimizer step `step` (the curriculum's stage)."""
         if self.seq_len_schedule is None:
