@@ -99,6 +99,7 @@ EXPERIMENTS = {
             "select-pooled-k32-content-decay-deep", "select-pooled-k32-content-decay-deep-seed1",
             "select-pooled-k32-content-decay-long-seed3",
             "select-pooled-k32-content-decay-distance",
+            "select-pooled-k32-content-decay-h8",
         ),
         contexts=(256, 512, 1024, 2048),
         record="far-retrieval.json",
