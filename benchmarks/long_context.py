@@ -104,6 +104,9 @@ EXPERIMENTS = {
             "select-pooled-k32-content-decay-h8-seed2",
             "select-pooled-k32-content-decay-h8-long",
             "select-pooled-k32-content-decay-h8-long-seed1",
+            "select-pooled-k32-content-decay-h8-long-seed2",
+            "select-pooled-k32-content-decay-h8-long-spanmax5",
+            "select-pooled-k32-content-decay-h8-long-spanmax5-seed1",
         ),
         contexts=(256, 512, 1024, 2048),
         record="far-retrieval.json",
@@ -261,7 +264,8 @@ def table(experiment: Experiment, results: dict[str, dict]) -> str:
         if selection.select_top_k:
             patterns += f" + top-{selection.select_top_k} blocks of {selection.select_block_size}"
             if selection.select_query_span > 1:
-                patterns += f" by the mean of {selection.select_query_span} queries"
+                ranked = "the best score" if selection.select_span_max else "the mean"
+                patterns += f" by {ranked} of {selection.select_query_span} queries"
             if selection.select_within_segment:
                 patterns += ", near blocks too"
             if selection.select_ranking_dims:

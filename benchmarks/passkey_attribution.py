@@ -85,7 +85,8 @@ def digit_accuracy(records: list[dict], context: int) -> list[float]:
 
 def choice(q, k, query: int, config) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(h, m) scaled scores of position `query`'s ranking query (its own, or its mean with the
-    select_query_span - 1 before it; the last select_ranking_dims dims) against the mean key of
+    select_query_span - 1 before it unless select_span_max, which ranks the blocks by the best
+    score of those queries; the last select_ranking_dims dims) against the mean key of
     each of its m candidate blocks (what the content-selected pattern ranks and the pooled one
     attends), and (h, query + 1) whether it chose each key (None when the pattern is off); q, k
     as in pattern_masses."""
@@ -95,12 +96,16 @@ def choice(q, k, query: int, config) -> tuple[torch.Tensor, torch.Tensor | None]
     q, k = (selection.ranking_part(x, config.select_ranking_dims) for x in (q, k))
     means = selection.block_means(k[None, : candidates * block], block)  # (1, m, h, D)
     span = config.select_query_span
-    ranking = selection.ranking_queries(q[None, : query + 1], span)[:, query:]  # (1, 1, h, D)
+    if config.select_span_max:  # the blocks by the best score of S queries, the pooled by its own
+        ranking, rows = q[None, query : query + 1], q[None, max(0, query - span + 1) : query + 1]
+    else:
+        ranking = selection.ranking_queries(q[None, : query + 1], span)[:, query:]  # (1, 1, h, D)
+        rows, span = ranking, 1
     pooled = torch.einsum("hd,mhd->hm", ranking[0, 0], means[0]) / math.sqrt(config.head_dim)
     if not config.select_top_k:
         return pooled, None
     index, _ = selection.select_blocks(
-        ranking, means, torch.tensor([query]), block, config.select_top_k, window
+        rows, means, torch.tensor([query]), block, config.select_top_k, window, span
     )
     best = index[0, 0]  # (h, top_k): every candidate is a real choice here
     chosen = torch.zeros(heads, query + 1, dtype=torch.bool)

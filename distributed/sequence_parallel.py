@@ -180,19 +180,22 @@ def _attention_op(
     select_query_span: int,
     select_within_segment: bool,
     select_ranking_dims: int,
+    select_span_max: bool,
     group_name: str,
     overlap: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out (b, L, h, d), lse (b, L, h), received (2, b, N_recv, d): the exchanged K and V,
     keys_before (2, b, (rank + 1) * L, g, d): the K and V the selected pattern chose from,
-    queries_before (b, min(span - 1, rank * L), h, d): the queries its ranking averages)."""
+    queries_before (b, min(span - 1, rank * L), h, d): the queries its ranking averages, or
+    whose best score ranks with select_span_max)."""
     group = _resolve_process_group(group_name)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     # Checked here too (once per layout), since a compiled caller skips the wrapper's check.
     _agree(group_name, _describe(q, k, v, segment_lengths, dilation_rates, causal, scale, kernel,
                                  head_shift, select_top_k, select_block_size,
                                  select_pooled, select_query_span,
-                                 select_within_segment, select_ranking_dims))  # fmt: skip
+                                 select_within_segment, select_ranking_dims,
+                                 select_span_max))  # fmt: skip
     plan = _shard_plan(q, k, segment_lengths, dilation_rates, causal, head_shift, rank, world)
     chosen = _selection(
         select_top_k, select_block_size, select_within_segment, segment_lengths, rank, world
@@ -211,7 +214,7 @@ def _attention_op(
     part = selection.forward(
         q, *keys_before, block_size, top_k, window, scale, kernel, rank * q.shape[1],
         pooled=select_pooled, query_span=select_query_span, queries_before=queries_before,
-        ranking_dims=select_ranking_dims,
+        ranking_dims=select_ranking_dims, span_max=select_span_max,
     )  # fmt: skip
     out, lse = selection.mix(out, lse, *part)
     return out.to(q.dtype), lse, received, keys_before, queries_before
@@ -220,7 +223,7 @@ def _attention_op(
 @_attention_op.register_fake
 def _(q, k, v, segment_lengths, dilation_rates, causal, scale, kernel, head_shift, select_top_k,
       select_block_size, select_pooled, select_query_span, select_within_segment,
-      select_ranking_dims, group_name, overlap):  # fmt: skip
+      select_ranking_dims, select_span_max, group_name, overlap):  # fmt: skip
     group = _resolve_process_group(group_name)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     plan = _shard_plan(q, k, segment_lengths, dilation_rates, causal, head_shift, rank, world)
@@ -259,6 +262,7 @@ def _attention_backward_op(
     select_query_span: int,
     select_within_segment: bool,
     select_ranking_dims: int,
+    select_span_max: bool,
     group_name: str,
     overlap: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -280,8 +284,9 @@ def _attention_backward_op(
         grad_out, q, *keys_before, out, lse, block_size, top_k, window, scale, kernel,
         rank * q.shape[1], pooled=select_pooled, query_span=select_query_span,
         queries_before=queries_before, ranking_dims=select_ranking_dims,
+        span_max=select_span_max,
     )  # fmt: skip
-    if select_query_span > 1 and select_pooled:  # without it, no gradient reaches them
+    if _trains_queries_before(select_query_span, select_pooled, select_span_max):
         tail = _return_query_grads(grad_before, q, select_query_span, group, rank, world)
         grad_q[:, q.shape[1] - tail.shape[1] :] += tail
     grad_k, grad_v = _return_to_owners(torch.stack([grad_keys, grad_values]), group, rank, world)
@@ -294,6 +299,7 @@ register_attention_autograd(_attention_op, _attention_backward_op)
 def communication(
     q, k, v, segment_lengths, dilation_rates, *, group=None, causal=False, head_shift=0,
     select_top_k=0, select_block_size=32, select_pooled=False, select_query_span=1,
+    select_span_max=False,
 ) -> Communication:  # fmt: skip
     """The bytes this rank sends and receives when it calls sequence_parallel_dilated_attention
     with these arguments (forward and backward), from the plan: nothing runs."""
@@ -312,13 +318,19 @@ def communication(
         shard = 2 * k.numel()
         forward = [b + (world - 1) * shard * k.element_size() for b in forward]
         backward = [b + world * shard * acc_size for b in backward]
-        # and the same of the queries' tails that the ranking queries average (their
-        # gradients only through the pooled pattern)
+        # and the same of the queries' tails that rank the blocks (their gradients only through
+        # the pooled pattern's mean ranking queries)
         tail = q.shape[0] * _tail_len(q, select_query_span) * q.shape[2] * q.shape[3]
         forward = [b + (world - 1) * tail * q.element_size() for b in forward]
-        if select_pooled:
+        if _trains_queries_before(select_query_span, select_pooled, select_span_max):
             backward = [b + world * tail * acc_size for b in backward]
     return Communication(*forward, *backward)
+
+
+def _trains_queries_before(select_query_span, select_pooled, select_span_max) -> bool:
+    """Whether the queries before a shard get a gradient: through the pooled pattern's scores
+    by the mean ranking queries only."""
+    return select_query_span > 1 and select_pooled and not select_span_max
 
 
 def _communicates(segment_lengths, shard_len: int, world: int, select_top_k: int) -> bool:
@@ -332,7 +344,7 @@ def _communicates(segment_lengths, shard_len: int, world: int, select_top_k: int
 def _describe(
     q, k, v, segment_lengths, dilation_rates, causal, softmax_scale, backend, head_shift,
     select_top_k, select_block_size, select_pooled=False, select_query_span=1,
-    select_within_segment=False, select_ranking_dims=0,
+    select_within_segment=False, select_ranking_dims=0, select_span_max=False,
 ) -> tuple[tuple[str, str], ...]:  # fmt: skip
     """(name, text) of what every rank of a group must pass alike."""
 
@@ -360,6 +372,7 @@ def _describe(
         ("select_query_span", repr(select_query_span)),
         ("select_within_segment", repr(select_within_segment)),
         ("select_ranking_dims", repr(select_ranking_dims)),
+        ("select_span_max", repr(select_span_max)),
     )
 
 
@@ -439,6 +452,7 @@ def sequence_parallel_dilated_attention(
     select_query_span: int = 1,
     select_within_segment: bool = False,
     select_ranking_dims: int = 0,
+    select_span_max: bool = False,
     documents: Documents | None = None,
 ) -> torch.Tensor:
     """longnet.dilated_attention over a sequence split across the ranks of `group`.
@@ -454,8 +468,8 @@ def sequence_parallel_dilated_attention(
     kernels for the same cores (measured at P = 2 on 2 cores: efficiency 0.942-0.973 with it,
     0.986 without).
     select_top_k > 0 adds the content-selected pattern, select_pooled the pooled one, ranked by
-    select_query_span queries (by their last select_ranking_dims dims), near blocks too with
-    select_within_segment, as in dilated_attention.
+    select_query_span queries (by their last select_ranking_dims dims; by their best score with
+    select_span_max), near blocks too with select_within_segment, as in dilated_attention.
     documents (longnet.varlen.Documents, each its own sequence) lie in the global rows
     (b, P * L): from cu_seqlens over the b * P * L tokens or a (b, P * L) padding mask, the same
     on every rank; causal only (longnet/distributed/documents.py).
@@ -463,7 +477,7 @@ def sequence_parallel_dilated_attention(
     arguments = (
         q, k, v, segment_lengths, dilation_rates, causal, softmax_scale, backend, head_shift,
         select_top_k, select_block_size, select_pooled, select_query_span, select_within_segment,
-        select_ranking_dims,
+        select_ranking_dims, select_span_max,
     )  # fmt: skip
     world, rank = _group_size_and_rank(group)
     group_name = _group_name(group) if world > 1 else ""
@@ -488,12 +502,12 @@ def sequence_parallel_dilated_attention(
             head_shift=head_shift, select_top_k=select_top_k, select_block_size=select_block_size,
             select_pooled=select_pooled, select_query_span=select_query_span,
             select_within_segment=select_within_segment, select_ranking_dims=select_ranking_dims,
-            documents=documents,
+            select_span_max=select_span_max, documents=documents,
         )  # fmt: skip
     out, *_ = _attention_op(
         q, k, v, lengths, rates, causal, scale, kernel, head_shift, select_top_k,
         select_block_size, select_pooled, select_query_span, select_within_segment,
-        select_ranking_dims, group_name, overlap,
+        select_ranking_dims, select_span_max, group_name, overlap,
     )  # fmt: skip
     return out
 
@@ -501,7 +515,9 @@ def sequence_parallel_dilated_attention(
 def _attention_of_documents(q, k, v, documents, patterns, scale, arguments, group, overlap):
     """sequence_parallel_dilated_attention's answer for documents over the global rows."""
     world, rank = _group_size_and_rank(group)
-    *_, causal, _, backend, head_shift, top_k, block_size, pooled, span, within, dims = arguments
+    *_, causal, _, backend, head_shift, top_k, block_size, pooled, span, within, dims, span_max = (
+        arguments
+    )
     if not causal:
         raise ValueError(
             "documents (cu_seqlens or attention_mask) under sequence parallelism run causal only: "
@@ -517,7 +533,7 @@ def _attention_of_documents(q, k, v, documents, patterns, scale, arguments, grou
     options = dict(backend=backend, head_shift=head_shift, select_top_k=top_k,
                    select_block_size=block_size, select_pooled=pooled,
                    select_query_span=span, select_within_segment=within,
-                   select_ranking_dims=dims)  # fmt: skip
+                   select_ranking_dims=dims, select_span_max=span_max)  # fmt: skip
 
     def attend_shard(q, k, v, own):
         return attend(q, k, v, patterns, causal=True, scale=scale, documents=own, **options)

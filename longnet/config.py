@@ -58,8 +58,12 @@ class BlockConfig:
     select_pooled: bool = False
     # select_query_span > 1 ranks the blocks (and scores the pooled keys) by the mean of each
     # query and the select_query_span - 1 before it, so that the queries of one answer choose
-    # alike. 1: each query by its own.
+    # alike. 1: each query by its own. select_span_max ranks each block by the best score of
+    # those queries instead of their mean query (the pooled keys scored by each query's own): a
+    # block that one query found stays a candidate for the next select_query_span - 1 queries,
+    # the answer's later digits (docs/long-context.md).
     select_query_span: int = 1
+    select_span_max: bool = False
     # select_within_segment lets the blocks of a query's own segment of the first pattern be
     # chosen too (every complete block before its own), so that near and far keys are reached
     # by the same circuit, as in dense attention. False: only blocks before that segment.
@@ -103,7 +107,7 @@ class BlockConfig:
             self.select_top_k, self.select_block_size, causal=True,
             select_pooled=self.select_pooled, select_query_span=self.select_query_span,
             select_within_segment=self.select_within_segment,
-            select_ranking_dims=self.select_ranking_dims,
+            select_ranking_dims=self.select_ranking_dims, select_span_max=self.select_span_max,
         )  # fmt: skip
         check_ranking_dims(self.select_ranking_dims, self.head_dim)
         for name in (

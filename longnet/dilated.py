@@ -99,12 +99,12 @@ def check_head_shift(head_shift) -> int:
 
 def check_selection(
     select_top_k, select_block_size, causal: bool, select_pooled=False, select_query_span=1,
-    select_within_segment=False, select_ranking_dims=0,
+    select_within_segment=False, select_ranking_dims=0, select_span_max=False,
 ) -> None:  # fmt: skip
     """ValueError naming the value unless select_top_k is an int >= 0 (0: no content-selected
     pattern) and, when it is on, select_block_size an int >= 1 and causal True; select_pooled,
     select_within_segment (flags), select_query_span > 1 and select_ranking_dims > 0 options
-    that need select_top_k > 0."""
+    that need select_top_k > 0; select_span_max a flag that needs select_query_span > 1."""
     int_at_least("select_top_k", select_top_k, 0)
     int_at_least("select_block_size", select_block_size, 1)
     if select_top_k and not causal:
@@ -131,11 +131,17 @@ def check_selection(
             f"select_ranking_dims={select_ranking_dims!r} (which head dims rank the "
             f"content-selected blocks) needs select_top_k > 0, got select_top_k={select_top_k!r}"
         )
+    if flag("select_span_max", select_span_max) and select_query_span == 1:
+        raise ValueError(
+            "select_span_max=True (rank each block by its best score over select_query_span "
+            "queries) needs select_query_span > 1, got select_query_span=1"
+        )
 
 
 def check_options(
     segment_lengths, dilation_rates, causal, backend, head_shift, select_top_k, select_block_size,
     select_pooled=False, select_query_span=1, select_within_segment=False, select_ranking_dims=0,
+    select_span_max=False,
 ) -> tuple[tuple[int, int], ...]:  # fmt: skip
     """Validated patterns ((w_1, r_1), ...) after checking every argument of a call but the
     tensors and the scale: what a layer checks once, at construction."""
@@ -145,7 +151,7 @@ def check_options(
     choice("backend", backend, BACKENDS)
     check_selection(
         select_top_k, select_block_size, causal, select_pooled, select_query_span,
-        select_within_segment, select_ranking_dims,
+        select_within_segment, select_ranking_dims, select_span_max,
     )  # fmt: skip
     if backend == "triton" and select_top_k:
         raise ValueError(
@@ -171,13 +177,14 @@ def check_arguments(
     select_query_span=1,
     select_within_segment=False,
     select_ranking_dims=0,
+    select_span_max=False,
 ) -> tuple[tuple[tuple[int, int], ...], float]:
     """Validated (patterns, scale) of a dilated attention call; ValueError naming the first bad
     argument."""
     patterns = check_options(
         segment_lengths, dilation_rates, causal, backend, head_shift, select_top_k,
         select_block_size, select_pooled, select_query_span, select_within_segment,
-        select_ranking_dims,
+        select_ranking_dims, select_span_max,
     )  # fmt: skip
     check_qkv(q, k, v)
     check_ranking_dims(select_ranking_dims, q.shape[-1])
@@ -215,6 +222,7 @@ def _attention_op(
     select_query_span: int,
     select_within_segment: bool,
     select_ranking_dims: int,
+    select_span_max: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     plan = _plan(q, k, segment_lengths, dilation_rates, causal, head_shift)
     if not select_top_k:
@@ -225,7 +233,7 @@ def _attention_op(
     window = selection.candidate_window(segment_lengths, select_block_size, select_within_segment)
     chosen = selection.forward(
         q, k, v, select_block_size, select_top_k, window, scale, kernel, pooled=select_pooled,
-        query_span=select_query_span, ranking_dims=select_ranking_dims,
+        query_span=select_query_span, ranking_dims=select_ranking_dims, span_max=select_span_max,
     )  # fmt: skip
     out, lse = selection.mix(out, lse, *chosen)
     return out.to(q.dtype), lse
@@ -251,6 +259,7 @@ def _attention_backward_op(
     select_query_span: int,
     select_within_segment: bool,
     select_ranking_dims: int,
+    select_span_max: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     plan = _plan(q, k, segment_lengths, dilation_rates, causal, head_shift)
     grads = engine.backward(grad_out, q, k, v, out, lse, None, plan, scale=scale, kernel=kernel)
@@ -260,6 +269,7 @@ def _attention_backward_op(
     *chosen, _ = selection.backward(
         grad_out, q, k, v, out, lse, select_block_size, select_top_k, window, scale, kernel,
         pooled=select_pooled, query_span=select_query_span, ranking_dims=select_ranking_dims,
+        span_max=select_span_max,
     )  # fmt: skip
     return tuple((a + b).to(a.dtype) for a, b in zip(grads, chosen, strict=True))
 
@@ -294,6 +304,7 @@ def dilated_attention(
     select_query_span: int = 1,
     select_within_segment: bool = False,
     select_ranking_dims: int = 0,
+    select_span_max: bool = False,
     cu_seqlens=None,
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -319,6 +330,9 @@ def dilated_attention(
     complete block before its own block), so near and far keys are reached alike.
     select_ranking_dims D > 0 ranks them (and scores the pooled keys) by the last D dims of each
     head of q and k only: dims a model leaves without positional encoding, a choice by content.
+    select_span_max ranks each block by the best score of the select_query_span queries instead
+    of their mean query (the pooled keys scored by each query's own): a block one of them found
+    stays a candidate for the next ones (the later digits of an answer).
 
     Documents (longnet/varlen.py): each is its own sequence (segments start at its first token,
     no key crosses its boundary), given as cu_seqlens, flash-attn's int offsets 0 = o_0 <= ...
@@ -330,7 +344,7 @@ def dilated_attention(
     patterns, scale = check_arguments(
         q, k, v, segment_lengths, dilation_rates, causal, softmax_scale, backend, head_shift,
         select_top_k, select_block_size, select_pooled, select_query_span, select_within_segment,
-        select_ranking_dims,
+        select_ranking_dims, select_span_max,
     )  # fmt: skip
     documents = check_documents(q.shape, cu_seqlens, attention_mask)
     return attend(
@@ -348,6 +362,7 @@ def dilated_attention(
         select_query_span=select_query_span,
         select_within_segment=select_within_segment,
         select_ranking_dims=select_ranking_dims,
+        select_span_max=select_span_max,
         documents=documents,
     )
 
@@ -379,6 +394,7 @@ def attend(
     select_query_span: int = 1,
     select_within_segment: bool = False,
     select_ranking_dims: int = 0,
+    select_span_max: bool = False,
     documents: varlen.Documents | None = None,
 ) -> torch.Tensor:
     """dilated_attention on arguments already checked (check_arguments, or a layer's
@@ -403,7 +419,7 @@ def attend(
         out, _ = _attention_op(
             q, k, v, lengths, rates, causal, scale, kernel, head_shift, select_top_k,
             select_block_size, select_pooled, select_query_span, select_within_segment,
-            select_ranking_dims,
+            select_ranking_dims, select_span_max,
         )  # fmt: skip
         return out
 

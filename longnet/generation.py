@@ -39,7 +39,8 @@ class LayerCache:
         # Each row's first token (its document's start; later with left padding), or None: 0.
         self.starts: list[int] | None = None
         # The last queries (b, t, h, d) before the next token's (select_query_span > 1: the
-        # content-selected blocks are ranked by a query's mean with those before it).
+        # content-selected blocks are ranked by a query's mean with those before it, or by
+        # their best score).
         self.queries: torch.Tensor | None = None
 
     @classmethod
@@ -120,17 +121,20 @@ def decode_attention(
     select_query_span: int = 1,
     select_within_segment: bool = False,
     select_ranking_dims: int = 0,
+    select_span_max: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Dilated causal attention of the last cached position: q (b, 1, h, d) -> (b, 1, h, dv),
     with the content-selected pattern when select_top_k > 0 (the cache then holds every key), and
     the pooled one beside it when select_pooled, ranked by the last select_ranking_dims dims (all
     for 0); with select_query_span > 1 the cache also holds the queries before q
-    (LayerCache.keep_queries).
+    (LayerCache.keep_queries), whose mean ranks the blocks, or their best score with
+    select_span_max.
     A row whose tokens start later (cache.starts: left padding) is its own sequence from there:
     rows are decoded in groups of equal start."""
     options = (tuple(patterns), softmax_scale, head_shift, select_top_k, select_block_size)
     options += (select_pooled, select_query_span, select_within_segment, select_ranking_dims)
+    options += (select_span_max,)
     options += (cache.keys.shape[2], backend)
     position, starts, queries = cache.length - 1, cache.starts, cache.queries
     if select_query_span > 1 and queries is None:
@@ -155,7 +159,7 @@ def decode_attention(
 def _decode_document(
     q, window, queries, position, start, patterns, softmax_scale, head_shift, select_top_k,
     select_block_size, select_pooled, select_query_span, select_within_segment, select_ranking_dims,
-    kv_heads, backend,
+    select_span_max, kv_heads, backend,
 ) -> torch.Tensor:  # fmt: skip
     """decode_attention of rows whose documents start at `start`: `position` is the new
     token's within its document, window(first) the keys and values from absolute position
@@ -180,7 +184,7 @@ def _decode_document(
         chosen = selection.forward(
             q, keys, values, select_block_size, select_top_k, segment, softmax_scale, kernel,
             query_offset=position, pooled=select_pooled, query_span=select_query_span,
-            queries_before=before, ranking_dims=select_ranking_dims,
+            queries_before=before, ranking_dims=select_ranking_dims, span_max=select_span_max,
         )  # fmt: skip
         out, _ = selection.mix(out, lse, *chosen)
     return out[..., :width].to(q.dtype)

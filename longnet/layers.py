@@ -84,6 +84,7 @@ class DilatedAttention(nn.Module):
         select_query_span: int = 1,
         select_within_segment: bool = False,
         select_ranking_dims: int = 0,
+        select_span_max: bool = False,
         attention_fn: AttentionFn = dilated_attention,
         init_gain: float | None = None,
     ):
@@ -105,12 +106,12 @@ class DilatedAttention(nn.Module):
         self.patterns = check_options(
             segment_lengths, dilation_rates, causal, backend, head_shift, select_top_k,
             select_block_size, select_pooled, select_query_span, select_within_segment,
-            select_ranking_dims,
+            select_ranking_dims, select_span_max,
         )  # fmt: skip
         self.select_top_k, self.select_block_size = select_top_k, select_block_size
         self.select_pooled, self.select_query_span = select_pooled, select_query_span
         self.select_within_segment = select_within_segment
-        self.select_ranking_dims = select_ranking_dims
+        self.select_ranking_dims, self.select_span_max = select_ranking_dims, select_span_max
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if num_heads < 1 or d_model % num_heads:
             raise ValueError(f"d_model ({d_model}) must be a multiple of num_heads ({num_heads})")
@@ -181,6 +182,7 @@ class DilatedAttention(nn.Module):
                 select_query_span=self.select_query_span,
                 select_within_segment=self.select_within_segment,
                 select_ranking_dims=self.select_ranking_dims,
+                select_span_max=self.select_span_max,
                 documents=documents,
             )
         lengths, rates = zip(*self.patterns, strict=True)
@@ -212,6 +214,8 @@ class DilatedAttention(nn.Module):
             arguments["select_within_segment"] = True
         if self.select_ranking_dims:
             arguments["select_ranking_dims"] = self.select_ranking_dims
+        if self.select_span_max:
+            arguments["select_span_max"] = True
         return arguments
 
     def forward(

@@ -96,6 +96,7 @@ class SelfAttention(DilatedAttention):
             select_query_span=config.select_query_span,
             select_within_segment=config.select_within_segment,
             select_ranking_dims=config.select_ranking_dims,
+            select_span_max=config.select_span_max,
             attention_fn=attention_fn,
             init_gain=gain,
         )

@@ -36,11 +36,12 @@ def multiplicity(
     return counts
 
 
-def selected(q, k, block_size: int, top_k: int, window: int) -> torch.Tensor:
+def selected(q, k, block_size: int, top_k: int, window: int, span_max: int = 1) -> torch.Tensor:
     """(b, h, seq, seq) 1 where the content-selected pattern lets query i see key j: j lies in one
     of the top_k complete blocks that end by the start of i's segment of `window` tokens (the
-    first pattern's), ranked by q_i . mean(k of the block); float64 q (b, n, h, d) (the ranking
-    queries) and k (b, n, h, d) (kv heads already repeated)."""
+    first pattern's), ranked by q_i . mean(k of the block), or with span_max > 1 by the largest
+    q_s . mean(k of the block) over s = i - span_max + 1 .. i (s >= 0); float64 q (b, n, h, d)
+    (the ranking queries) and k (b, n, h, d) (kv heads already repeated)."""
     q, k = q.detach(), k.detach()  # the choice is piecewise constant: no gradient through it
     batch, seq_len, heads, _ = q.shape
     counts = torch.zeros(batch, heads, seq_len, seq_len, dtype=torch.float64)
@@ -48,11 +49,13 @@ def selected(q, k, block_size: int, top_k: int, window: int) -> torch.Tensor:
         for head in range(heads):
             for i in range(seq_len):
                 earlier = (i - i % window) // block_size  # blocks 0 .. earlier - 1
+                queries = q[b, max(0, i - span_max + 1) : i + 1, head]  # (s, d)
                 scores = [
-                    float(q[b, i, head] @ k[b, j * block_size : (j + 1) * block_size, head].mean(0))
+                    queries @ k[b, j * block_size : (j + 1) * block_size, head].mean(0)
                     for j in range(earlier)
                 ]
                 # NaN (a NaN key or query) ranks above every number, as in torch.topk.
+                scores = [math.nan if s.isnan().any() else float(s.max()) for s in scores]
                 rank = [(not math.isnan(s), -s) for s in scores]
                 best = sorted(range(earlier), key=lambda j: rank[j])[:top_k]
                 for j in best:
@@ -76,14 +79,16 @@ def dense_dilated_attention(
     select_query_span=1,
     select_within_segment=False,
     select_ranking_dims=0,
+    select_span_max=False,
 ):
     """q (b, n, h, d), k and v (b, n, g, d) -> (b, n, h, d) in float64; select_top_k > 0 adds
     the content-selected pattern (causal only) as one more pattern, select_pooled the pooled one:
     one more key per candidate block, the block's mean key with its mean value; both rank (score)
-    by the mean of each query and the select_query_span - 1 queries before it; their candidates
-    end by the start of the query's segment of the first pattern, or of its own block with
-    select_within_segment; with select_ranking_dims D > 0 both use the last D dims of q and k
-    only."""
+    by the mean of each query and the select_query_span - 1 queries before it, or with
+    select_span_max the blocks by the best score of those queries and the pooled keys by each
+    query alone; their candidates end by the start of the query's segment of the first pattern,
+    or of its own block with select_within_segment; with select_ranking_dims D > 0 both use the
+    last D dims of q and k only."""
     q, k, v = q.double(), k.double(), v.double()
     batch, seq_len, heads, dim = q.shape
     group = heads // k.shape[2]
@@ -95,16 +100,15 @@ def dense_dilated_attention(
     counts = counts.to(q.device)
     if select_top_k:  # the queries and keys that rank the blocks (and score the pooled keys)
         first = dim - select_ranking_dims if select_ranking_dims else 0
+        mean_span = 1 if select_span_max else select_query_span
         ranking = torch.stack(
-            [
-                q[:, max(0, i - select_query_span + 1) : i + 1, :, first:].mean(1)
-                for i in range(seq_len)
-            ],
+            [q[:, max(0, i - mean_span + 1) : i + 1, :, first:].mean(1) for i in range(seq_len)],
             1,
         )  # (b, n, h, D)
         ranking_keys = k[..., first:]
         window = select_block_size if select_within_segment else segment_lengths[0]
-        chosen = selected(ranking, ranking_keys, select_block_size, select_top_k, window)
+        span_max = select_query_span if select_span_max else 1
+        chosen = selected(ranking, ranking_keys, select_block_size, select_top_k, window, span_max)
         counts = counts + chosen.to(q.device)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale + counts.log()  # counts: (h|b h, q, k)
     if select_pooled:  # the block means as m more keys and values

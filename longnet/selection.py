@@ -15,7 +15,10 @@ attention on the chosen blocks only (almost everywhere: not at exact ties of two
 With query_span S > 1 a query ranks the blocks by the mean of its own and the S - 1 queries
 before it (ranking_queries) instead of its own alone, so that neighbouring queries (the digits
 of one answer) choose alike; the pooled pattern scores with that mean too, so its gradient
-reaches all S queries.
+reaches all S queries. With span_max, a query ranks each block by the best score any of those S
+queries gives it instead (q_s . mean(k of the block), s = p - S + 1 .. p): a block that one of
+them scores high stays a candidate for the next S - 1 queries, so the answer's later digits can
+read the block its first query found; the pooled pattern then scores with each query's own q.
 
 With ranking_dims D > 0 only the last D dims of each head of q and k rank the blocks (and score
 the pooled keys): dims a model leaves without positional encoding, so that the choice follows
@@ -93,17 +96,22 @@ def ranking_queries(
     rank's, or a decoding cache's)."""
     if span == 1:
         return q
-    held = 0 if before is None else before.shape[1]
-    if held != min(span - 1, query_offset):  # the counts below assume them all
-        raise ValueError(
-            f"a query span of {span} at offset {query_offset} needs the "
-            f"{min(span - 1, query_offset)} queries before it, got {held}"
-        )
+    check_queries_before(before, span, query_offset)  # the counts below assume them all
     acc = accumulation_dtype(q.dtype)
     x = q.to(acc) if before is None else torch.cat([before.to(acc), q.to(acc)], dim=1)
     padded = torch.nn.functional.pad(x, (0, 0, 0, 0, span - 1, 0))  # zeros before position 0
     sums = padded.unfold(1, span, 1).sum(-1)[:, -q.shape[1] :]  # (b, n, h, d)
     return sums / _span_counts(q, span, query_offset)
+
+
+def check_queries_before(before: torch.Tensor | None, span: int, query_offset: int) -> None:
+    """ValueError unless before holds the min(span - 1, query_offset) queries before the first."""
+    held = 0 if before is None else before.shape[1]
+    if held != min(span - 1, query_offset):
+        raise ValueError(
+            f"a query span of {span} at offset {query_offset} needs the "
+            f"{min(span - 1, query_offset)} queries before it, got {held}"
+        )
 
 
 def _span_counts(q: torch.Tensor, span: int, query_offset: int) -> torch.Tensor:
@@ -132,15 +140,22 @@ def select_blocks(
     block_size: int,
     top_k: int,
     window: int,
+    span_max: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The blocks each query reads: index (b, c, h, k) into the m blocks, and whether each slot is
     a real choice (b, c, h, k) (False where fewer than k blocks lie before the query's block).
 
-    q (b, c, h, d) at token positions (c,), means (b, m, g, d) from block_means.
+    q (b, e + c, h, d): the ranking queries of the c token positions (c,), after the e <=
+    span_max - 1 queries before them (all there are); means (b, m, g, d) from block_means. A
+    query ranks a block by the best score of its own and the span_max - 1 queries before it.
     """
     heads, kv_heads, m = q.shape[2], means.shape[2], means.shape[1]
     means = means.repeat_interleave(heads // kv_heads, dim=2)  # (b, m, h, d)
-    scores = torch.einsum("bchd,bmhd->bchm", q.to(means.dtype), means)  # (b, c, h, m)
+    scores = torch.einsum("bchd,bmhd->bchm", q.to(means.dtype), means)  # (b, e + c, h, m)
+    if span_max > 1:  # -inf for the queries before position 0; max propagates NaN, as topk ranks
+        missing = span_max - 1 - (q.shape[1] - len(positions))
+        scores = torch.nn.functional.pad(scores, (0, 0, 0, 0, missing, 0), value=-math.inf)
+        scores = scores.unfold(1, span_max, 1).amax(-1)  # (b, c, h, m)
     candidate = candidate_mask(positions, m, window, block_size)  # (c, m)
     scores = scores.masked_fill(~candidate[:, None], -math.inf)
     index = scores.topk(min(top_k, m), dim=-1).indices  # (b, c, h, k)
@@ -171,15 +186,30 @@ def masks(n: int, block_size: int, top_k: int, kernel: str) -> bool:
     return kernel in MASKED_KERNELS and n <= 64 * top_k * block_size
 
 
-class _Chunk:
-    """The queries start .. end - 1 with the blocks they chose by their ranking queries."""
+class _Choice:
+    """What ranks the blocks for the queries of one call: queries (b, t + n, h, D), the ranking
+    queries of the n queries after the t held before them (t = 0 unless span_max > 1), ranking
+    each block by their best score over span_max of them (1: each query's own)."""
 
-    def __init__(self, q, ranking, means, start, end, block_size, top_k, window, query_offset):
+    def __init__(self, queries: torch.Tensor, before: int, span_max: int):
+        self.queries, self.before, self.span_max = queries, before, span_max
+
+    def blocks(self, start, end, means, positions, block_size, top_k, window):
+        """select_blocks for the queries start .. end - 1 of the call."""
+        first = max(0, self.before + start - self.span_max + 1)
+        queries = self.queries[:, first : self.before + end]
+        return select_blocks(queries, means, positions, block_size, top_k, window, self.span_max)
+
+
+class _Chunk:
+    """The queries start .. end - 1 with the blocks they chose (choice: a _Choice)."""
+
+    def __init__(self, q, choice, means, start, end, block_size, top_k, window, query_offset):
         self.end, self.block_size, self.window = query_offset + end, block_size, window
         self.q = q[:, start:end]  # (b, c, h, d)
         positions = torch.arange(start, end, device=q.device) + query_offset
-        self.index, self.valid = select_blocks(
-            ranking[:, start:end], means, positions, block_size, top_k, window
+        self.index, self.valid = choice.blocks(
+            start, end, means, positions, block_size, top_k, window
         )
         self.blocks = means.shape[1]
 
@@ -226,7 +256,7 @@ def _chunks(q: torch.Tensor, keys: int, query_offset: int, block_size, top_k, wi
 
 def forward(
     q, k, v, block_size: int, top_k: int, window: int, scale: float, kernel="math", query_offset=0,
-    pooled=False, query_span=1, queries_before=None, ranking_dims=0,
+    pooled=False, query_span=1, queries_before=None, ranking_dims=0, span_max=False,
 ):  # fmt: skip
     """The pattern alone, causal: q (b, n, h, d), k and v (b, s, g, d) -> out (b, n, h, d) and
     lse (b, n, h) in the accumulation dtype; lse is -inf (and out 0) for the queries with no
@@ -235,12 +265,15 @@ def forward(
     q the queries of positions query_offset .. query_offset + n - 1 (sequence parallelism:
     the shard's queries against the keys up to its end). kernel: longnet.kernels' name of the
     fused kernel for the masked form. pooled: mixed with the pooled pattern (pooled_forward).
-    query_span, queries_before, ranking_dims: how the blocks are ranked (ranking_queries, by
+    query_span, queries_before, ranking_dims, span_max: how the blocks are ranked (by the mean
+    of query_span queries, ranking_queries, or by their best score with span_max; by
     ranking_part of q and k)."""
-    ranking, ranking_keys = _ranking(q, k, query_span, queries_before, query_offset, ranking_dims)
+    ranking, ranking_keys, choice = _ranking(
+        q, k, query_span, queries_before, query_offset, ranking_dims, span_max
+    )
     means = block_means(ranking_keys, block_size)
     chosen = _chosen_forward(
-        q, ranking, k, v, means, block_size, top_k, window, scale, kernel, query_offset
+        q, choice, k, v, means, block_size, top_k, window, scale, kernel, query_offset
     )
     if not pooled:
         return chosen
@@ -248,17 +281,21 @@ def forward(
     return mix(*chosen, *pooled_part)
 
 
-def _ranking(q, k, query_span, queries_before, query_offset, ranking_dims):
-    """(ranking queries (b, n, h, D), ranking keys (b, s, g, D)): what ranks the blocks."""
+def _ranking(q, k, query_span, queries_before, query_offset, ranking_dims, span_max):
+    """(ranking queries (b, n, h, D), ranking keys (b, s, g, D), the _Choice of the blocks):
+    what scores the pooled keys and what ranks the blocks."""
     before = None if queries_before is None else ranking_part(queries_before, ranking_dims)
-    ranking = ranking_queries(ranking_part(q, ranking_dims), query_span, before, query_offset)
-    return ranking, ranking_part(k, ranking_dims)
+    own, keys = ranking_part(q, ranking_dims), ranking_part(k, ranking_dims)
+    if not span_max:
+        ranking = ranking_queries(own, query_span, before, query_offset)
+        return ranking, keys, _Choice(ranking, 0, 1)
+    check_queries_before(before, query_span, query_offset)
+    held = own if before is None else torch.cat([before.to(own.dtype), own], dim=1)
+    return own, keys, _Choice(held, held.shape[1] - own.shape[1], query_span)
 
 
-def _chosen_forward(
-    q, ranking, k, v, means, block_size, top_k, window, scale, kernel, query_offset
-):
-    """forward without the pooled pattern, the blocks ranked by `ranking` (b, n, h, D) against
+def _chosen_forward(q, choice, k, v, means, block_size, top_k, window, scale, kernel, query_offset):
+    """forward without the pooled pattern, the blocks ranked by `choice` (a _Choice) against
     the block means (b, m, g, D) of the ranking keys."""
     acc = accumulation_dtype(q.dtype)
     out = torch.zeros(q.shape, dtype=acc, device=q.device)
@@ -281,7 +318,7 @@ def _chosen_forward(
     masked = masks(k.shape[1], block_size, top_k, kernel)
     tables = None if masked else tuple(_table(x.to(acc), block_size) for x in (k, v))
     for start, end in _chunks(q, k.shape[1], query_offset, block_size, top_k, window, masked):
-        chunk = _Chunk(q, ranking, means, start, end, block_size, top_k, window, query_offset)
+        chunk = _Chunk(q, choice, means, start, end, block_size, top_k, window, query_offset)
         if nan_blocks is not None:
             readers[:, start:end] = chunk.reads(nan_blocks, kv_heads)
         if masked:
@@ -315,25 +352,33 @@ def _allowed(chunk: _Chunk) -> torch.Tensor:
 def backward(
     grad_out, q, k, v, out, lse, block_size: int, top_k: int, window: int, scale: float,
     kernel="math", query_offset=0, pooled=False, query_span=1, queries_before=None, ranking_dims=0,
+    span_max=False,
 ):  # fmt: skip
     """(dq, dk, dv, d_before) in the accumulation dtype of the pattern's part of the MIXED
     attention, from the mixed out (b, n, h, d) and lse (b, n, h): the softmax over all patterns'
     keys; with the pooled pattern's part when pooled. d_before (b, t, h, d): the gradient of
-    queries_before (the pooled pattern's, through the ranking queries; zeros without it)."""
-    ranking, ranking_keys = _ranking(q, k, query_span, queries_before, query_offset, ranking_dims)
+    queries_before (the pooled pattern's, through the mean ranking queries; zeros without it,
+    and with span_max, whose ranking passes no gradient)."""
+    ranking, ranking_keys, choice = _ranking(
+        q, k, query_span, queries_before, query_offset, ranking_dims, span_max
+    )
     before_len = 0 if queries_before is None else queries_before.shape[1]
     means = block_means(ranking_keys, block_size)
     grad_q, grad_k, grad_v = _chosen_backward(
-        grad_out, q, ranking, k, v, means, out, lse, block_size, top_k, window, scale,
+        grad_out, q, choice, k, v, means, out, lse, block_size, top_k, window, scale,
         kernel, query_offset,
     )  # fmt: skip
     if not pooled:
         return grad_q, grad_k, grad_v, grad_q.new_zeros((q.shape[0], before_len, *q.shape[2:]))
     arguments = (grad_out, ranking, means, v, out, lse, block_size, window, scale)
     grad_ranking, pooled_k, pooled_v = pooled_backward(*arguments, query_offset)
-    pooled_q, grad_before = ranking_backward(
-        grad_ranking, ranking, query_span, before_len, query_offset
-    )
+    if span_max:  # each query's own q scored the pooled keys; the choice passes no gradient
+        pooled_q = grad_ranking
+        grad_before = grad_ranking.new_zeros((q.shape[0], before_len, *ranking.shape[2:]))
+    else:
+        pooled_q, grad_before = ranking_backward(
+            grad_ranking, ranking, query_span, before_len, query_offset
+        )
     dim = q.shape[-1]
     return (
         grad_q + _widen(pooled_q, dim),
@@ -344,11 +389,11 @@ def backward(
 
 
 def _chosen_backward(
-    grad_out, q, ranking, k, v, means, out, lse, block_size, top_k, window, scale, kernel,
+    grad_out, q, choice, k, v, means, out, lse, block_size, top_k, window, scale, kernel,
     query_offset,
 ):  # fmt: skip
-    """backward's part of the chosen blocks, (dq, dk, dv), the blocks ranked by `ranking`
-    against the block means `means` (as in _chosen_forward)."""
+    """backward's part of the chosen blocks, (dq, dk, dv), the blocks ranked by `choice` (a
+    _Choice) against the block means `means` (as in _chosen_forward)."""
     acc = accumulation_dtype(q.dtype)
     grad_q = torch.zeros(q.shape, dtype=acc, device=q.device)
     grad_k = torch.zeros(k.shape, dtype=acc, device=k.device)
@@ -359,7 +404,7 @@ def _chosen_backward(
         tables = tuple(_table(x.to(acc), block_size) for x in (k, v))
         grad_tables = tuple(torch.zeros_like(table) for table in tables)
     for start, end in _chunks(q, n, query_offset, block_size, top_k, window, masked):
-        chunk = _Chunk(q, ranking, means, start, end, block_size, top_k, window, query_offset)
+        chunk = _Chunk(q, choice, means, start, end, block_size, top_k, window, query_offset)
         if masked:
             mask = chunk.mask(q.dtype)
             size = mask.shape[-1]

@@ -30,22 +30,30 @@ CASES = {
 }
 
 
-# (select_pooled, select_query_span, select_within_segment, select_ranking_dims) of each variant
-VARIANTS = {"chosen": (False, 1, False, 0), "pooled": (True, 1, False, 0),
-            "chosen_span3": (False, 3, False, 0), "pooled_span4": (True, 4, False, 0),
-            "chosen_near": (False, 1, True, 0), "pooled_span4_near": (True, 4, True, 0),
-            "chosen_ranking_dims": (False, 1, False, 2),
-            "pooled_span3_ranking_dims": (True, 3, False, 2)}  # fmt: skip
+# (select_pooled, select_query_span, select_within_segment, select_ranking_dims,
+# select_span_max) of each variant
+VARIANTS = {"chosen": (False, 1, False, 0, False), "pooled": (True, 1, False, 0, False),
+            "chosen_span3": (False, 3, False, 0, False),
+            "pooled_span4": (True, 4, False, 0, False),
+            "chosen_near": (False, 1, True, 0, False),
+            "pooled_span4_near": (True, 4, True, 0, False),
+            "chosen_ranking_dims": (False, 1, False, 2, False),
+            "pooled_span3_ranking_dims": (True, 3, False, 2, False),
+            "chosen_span3_max": (False, 3, False, 0, True),
+            "pooled_span5_ranking_dims_max": (True, 5, False, 2, True)}  # fmt: skip
 
 
-def run(case, form, dtype=torch.float64, pooled=False, span=1, near=False, ranking_dims=0):
+def run(
+    case, form, dtype=torch.float64, pooled=False, span=1, near=False, ranking_dims=0,
+    span_max=False,
+):  # fmt: skip
     batch, n, heads, kv_heads, dim, lengths, rates, top_k, block = CASES[case]
     generator = torch.Generator().manual_seed(len(case))
     q, k, v = make_qkv(generator, batch, n, heads, kv_heads, dim, dtype=dtype)
     grad_out = randn(generator, *q.shape, dtype=dtype)
     choice = dict(select_top_k=top_k, select_block_size=block, select_pooled=pooled,
                   select_query_span=span, select_within_segment=near,
-                  select_ranking_dims=ranking_dims)  # fmt: skip
+                  select_ranking_dims=ranking_dims, select_span_max=span_max)  # fmt: skip
     fn = functools.partial(
         dilated_attention, segment_lengths=lengths, dilation_rates=rates, causal=True, **choice
     )
@@ -154,6 +162,11 @@ def test_near_blocks_are_candidates_with_select_within_segment():
         (dict(select_within_segment=True), "select_within_segment=True .* got select_top_k=0"),
         (dict(select_top_k=2, select_within_segment="yes"), "select_within_segment must be True"),
         (dict(select_top_k=2, select_ranking_dims=-1), "select_ranking_dims must be an int >= 0"),
+        (dict(select_top_k=2, select_span_max=True), "select_span_max=True .* select_query_span=1"),
+        (
+            dict(select_top_k=2, select_query_span=3, select_span_max=1),
+            "select_span_max must be True or False, got 1",
+        ),
         (dict(select_ranking_dims=2), "select_ranking_dims=2 .* got select_top_k=0"),
         (
             dict(select_top_k=2, select_ranking_dims=5),
@@ -237,10 +250,10 @@ def tiny_model(**overrides):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_cached_decoding_equals_recompute(variant):
-    pooled, span, near, ranking_dims = VARIANTS[variant]
+    pooled, span, near, ranking_dims, span_max = VARIANTS[variant]
     model = tiny_model(
         select_pooled=pooled, select_query_span=span, select_within_segment=near,
-        select_ranking_dims=ranking_dims,
+        select_ranking_dims=ranking_dims, select_span_max=span_max,
     )  # fmt: skip
     prompt = torch.randint(0, 264, (2, 30), generator=torch.Generator().manual_seed(0))
     cached = model.generate(prompt, 50, top_k=1)
@@ -299,6 +312,29 @@ def test_the_query_span_changes_the_choice_and_trains_earlier_queries():
         out[:, 40].sum().backward()  # query 40 scores the pooled keys with queries 37 .. 40
         assert bool(q.grad[:, 37:40].abs().sum() > 0) == reached
         assert not q.grad[:, :37].any() and not q.grad[:, 41:].any()
+
+
+def test_span_max_keeps_the_block_an_earlier_query_found():
+    """With select_span_max a query reads the block that one of the span - 1 queries before it
+    scores highest, though its own query (and the mean of the span) ranks another first; the
+    choice passes no gradient to those earlier queries."""
+    means = torch.tensor([[1.0, 0.0], [0.0, 1.0]])[None, :, None]  # (1, m=2, g=1, d=2)
+    q = torch.tensor([[1.5, 0.0], [0.0, 1.0], [0.0, 1.0]])[None, :, None]  # (1, 3, 1, 2)
+    positions = torch.tensor([8, 9, 10])  # queries 8 .. 10, both blocks of 4 before them
+    mean_first = selection.select_blocks(q.mean(1, keepdim=True), means, positions[2:], 4, 1, 8)
+    best_first = selection.select_blocks(q, means, positions[2:], 4, 1, 8, span_max=3)
+    own_first = selection.select_blocks(q[:, 2:], means, positions[2:], 4, 1, 8, span_max=1)
+    assert mean_first[0].item() == 1 and best_first[0].item() == 0 and own_first[0].item() == 1
+    short = selection.select_blocks(q[:, 1:], means, positions[2:], 4, 1, 8, span_max=2)
+    assert short[0].item() == 1  # query 8 is out of a span of 2
+    batch, n, heads, kv_heads, dim, lengths, rates, top_k, block = CASES["local_plus_choice"]
+    q, k, v = make_qkv(torch.Generator().manual_seed(3), batch, n, heads, kv_heads, dim)
+    out = dilated_attention(
+        q, k, v, lengths, rates, causal=True, select_top_k=top_k, select_block_size=block,
+        select_pooled=True, select_query_span=4, select_span_max=True,
+    )  # fmt: skip
+    out[:, 40].sum().backward()
+    assert q.grad[:, 37:40].abs().sum() == 0 and q.grad[:, 40].abs().sum() > 0
 
 
 @pytest.mark.parametrize("form", ["masked", "gathered"])
@@ -367,7 +403,9 @@ def test_positions_are_not_wrapped():
     assert tiny_model().config.position_period is None
 
 
-def run_sequence_parallel(size, inputs, lengths, rates, top_k, block, pooled, span, near, dims):
+def run_sequence_parallel(
+    size, inputs, lengths, rates, top_k, block, pooled, span, near, dims, span_max
+):  # fmt: skip
     group = (
         None if size == distributed_utils.WORLD_SIZE else distributed_utils.consecutive_group(size)
     )
@@ -378,7 +416,7 @@ def run_sequence_parallel(size, inputs, lengths, rates, top_k, block, pooled, sp
     out = sequence_parallel_dilated_attention(
         q, k, v, lengths, rates, group=group, causal=True, select_top_k=top_k,
         select_block_size=block, select_pooled=pooled, select_query_span=span,
-        select_within_segment=near, select_ranking_dims=dims,
+        select_within_segment=near, select_ranking_dims=dims, select_span_max=span_max,
     )  # fmt: skip
     out.backward(grad_out)
     return torch.distributed.get_rank(group), (out.detach(), q.grad, k.grad, v.grad)
@@ -386,38 +424,41 @@ def run_sequence_parallel(size, inputs, lengths, rates, top_k, block, pooled, sp
 
 @pytest.mark.parametrize("size", [2, 4])
 @pytest.mark.parametrize(
-    "lengths, rates, top_k, block, pooled, span, near, dims",
+    "lengths, rates, top_k, block, pooled, span, near, dims, span_max",
     [
-        ([8], [1], 2, 4, False, 1, False, 0),
-        ([8, 16, 32], [1, 2, 4], 3, 8, False, 1, False, 0),
-        ([32], [4], 1, 8, False, 1, False, 0),
-        ([8, 16, 32], [1, 2, 4], 2, 4, True, 1, False, 0),
-        ([8, 16, 32], [1, 2, 4], 2, 4, True, 6, False, 0),
-        ([8], [1], 2, 4, True, 13, False, 0),
-        ([32], [4], 2, 4, True, 3, True, 0),
-        ([8, 16], [1, 2], 2, 4, True, 6, False, 3),
+        ([8], [1], 2, 4, False, 1, False, 0, False),
+        ([8, 16, 32], [1, 2, 4], 3, 8, False, 1, False, 0, False),
+        ([32], [4], 1, 8, False, 1, False, 0, False),
+        ([8, 16, 32], [1, 2, 4], 2, 4, True, 1, False, 0, False),
+        ([8, 16, 32], [1, 2, 4], 2, 4, True, 6, False, 0, False),
+        ([8], [1], 2, 4, True, 13, False, 0, False),
+        ([32], [4], 2, 4, True, 3, True, 0, False),
+        ([8, 16], [1, 2], 2, 4, True, 6, False, 3, False),
+        ([8, 16], [1, 2], 2, 4, True, 11, False, 3, True),
     ],
     ids=[
         "local", "spanning_patterns", "blocks_across_ranks", "pooled", "pooled_span",
         "span_longer_than_a_shard",  # 12 queries before: two shards of 8 at size 4
         "near_blocks",  # the blocks of a segment that spans ranks
         "ranking_dims",  # the queries before a shard's and their gradients, in 3 of 8 dims
+        "span_max",  # the best score of 11 queries, those before a shard's from two ranks
     ],
 )  # fmt: skip
 def test_sequence_parallel_equals_one_device(
-    size, lengths, rates, top_k, block, pooled, span, near, dims
+    size, lengths, rates, top_k, block, pooled, span, near, dims, span_max
 ):
     generator = torch.Generator().manual_seed(size)
     q, k, v = make_qkv(generator, 2, 32, 4, 2, 8)
     grad_out = randn(generator, *q.shape)
     inputs = tuple(x.detach() for x in (q, k, v, grad_out))
     results = distributed_utils.run(
-        run_sequence_parallel, size, inputs, lengths, rates, top_k, block, pooled, span, near, dims
-    )
+        run_sequence_parallel, size, inputs, lengths, rates, top_k, block, pooled, span, near, dims,
+        span_max,
+    )  # fmt: skip
     fn = functools.partial(
         dilated_attention, segment_lengths=lengths, dilation_rates=rates, causal=True,
         select_top_k=top_k, select_block_size=block, select_pooled=pooled, select_query_span=span,
-        select_within_segment=near, select_ranking_dims=dims,
+        select_within_segment=near, select_ranking_dims=dims, select_span_max=span_max,
     )  # fmt: skip
     expected = outputs_and_grads(fn, q, k, v, grad_out)
     members = [r for r in results if r is not None]  # groups of consecutive workers
