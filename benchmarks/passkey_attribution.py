@@ -166,9 +166,10 @@ def masses(
     config = model.config
     sums = {True: 0.0, False: 0.0}
     counts = {True: 0, False: 0}
-    ranked = (
-        config if rank_span is None else dataclasses.replace(config, select_query_span=rank_span)
-    )
+    ranked = config
+    if rank_span is not None:  # a span of 1 has no best score to take
+        span_max = config.select_span_max and rank_span > 1
+        ranked = dataclasses.replace(config, select_query_span=rank_span, select_span_max=span_max)
     recall = Recall(ranked) if config.select_top_k else None
     base = windows(corpus, context, count)
     for depth in DEPTHS:
@@ -256,6 +257,7 @@ class Recall:
         return {
             "windows": self.windows,
             "select_query_span": self.config.select_query_span,
+            "select_span_max": self.config.select_span_max,
             "first_digit_by_depth": {
                 str(depth): {"windows": windows, "by_head": (chosen / windows).tolist()}
                 for depth, (windows, chosen) in self.first_digit_by_depth.items()
@@ -287,7 +289,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval", type=Path, help="eval.json of the model, for by_residue")
     parser.add_argument("--output", type=Path, default=Path("attribution.json"))
     parser.add_argument(
-        "--rank-span", type=int, help="measure the choice ranked by the mean of this many queries"
+        "--rank-span",
+        type=int,
+        help="measure the choice ranked by this many queries (their mean; their best score for a "
+        "model with select_span_max)",
     )
     args = parser.parse_args(argv)
     model, data = load_model(args.model, None)

@@ -36,11 +36,11 @@ def multiplicity(
     return counts
 
 
-def selected(q, k, block_size: int, top_k: int, window: int, span_max: int = 1) -> torch.Tensor:
+def selected(q, k, block_size: int, top_k: int, window: int, best_of: int = 1) -> torch.Tensor:
     """(b, h, seq, seq) 1 where the content-selected pattern lets query i see key j: j lies in one
     of the top_k complete blocks that end by the start of i's segment of `window` tokens (the
-    first pattern's), ranked by q_i . mean(k of the block), or with span_max > 1 by the largest
-    q_s . mean(k of the block) over s = i - span_max + 1 .. i (s >= 0); float64 q (b, n, h, d)
+    first pattern's), ranked by q_i . mean(k of the block), or with best_of > 1 by the largest
+    q_s . mean(k of the block) over s = i - best_of + 1 .. i (s >= 0); float64 q (b, n, h, d)
     (the ranking queries) and k (b, n, h, d) (kv heads already repeated)."""
     q, k = q.detach(), k.detach()  # the choice is piecewise constant: no gradient through it
     batch, seq_len, heads, _ = q.shape
@@ -49,7 +49,7 @@ def selected(q, k, block_size: int, top_k: int, window: int, span_max: int = 1) 
         for head in range(heads):
             for i in range(seq_len):
                 earlier = (i - i % window) // block_size  # blocks 0 .. earlier - 1
-                queries = q[b, max(0, i - span_max + 1) : i + 1, head]  # (s, d)
+                queries = q[b, max(0, i - best_of + 1) : i + 1, head]  # (s, d)
                 scores = [
                     queries @ k[b, j * block_size : (j + 1) * block_size, head].mean(0)
                     for j in range(earlier)
@@ -107,8 +107,8 @@ def dense_dilated_attention(
         )  # (b, n, h, D)
         ranking_keys = k[..., first:]
         window = select_block_size if select_within_segment else segment_lengths[0]
-        span_max = select_query_span if select_span_max else 1
-        chosen = selected(ranking, ranking_keys, select_block_size, select_top_k, window, span_max)
+        best_of = select_query_span if select_span_max else 1
+        chosen = selected(ranking, ranking_keys, select_block_size, select_top_k, window, best_of)
         counts = counts + chosen.to(q.device)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale + counts.log()  # counts: (h|b h, q, k)
     if select_pooled:  # the block means as m more keys and values

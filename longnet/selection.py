@@ -140,22 +140,22 @@ def select_blocks(
     block_size: int,
     top_k: int,
     window: int,
-    span_max: int = 1,
+    best_of: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The blocks each query reads: index (b, c, h, k) into the m blocks, and whether each slot is
     a real choice (b, c, h, k) (False where fewer than k blocks lie before the query's block).
 
     q (b, e + c, h, d): the ranking queries of the c token positions (c,), after the e <=
-    span_max - 1 queries before them (all there are); means (b, m, g, d) from block_means. A
-    query ranks a block by the best score of its own and the span_max - 1 queries before it.
+    best_of - 1 queries before them (all there are); means (b, m, g, d) from block_means. A
+    query ranks a block by the best score of its own and the best_of - 1 queries before it.
     """
     heads, kv_heads, m = q.shape[2], means.shape[2], means.shape[1]
     means = means.repeat_interleave(heads // kv_heads, dim=2)  # (b, m, h, d)
     scores = torch.einsum("bchd,bmhd->bchm", q.to(means.dtype), means)  # (b, e + c, h, m)
-    if span_max > 1:  # -inf for the queries before position 0; max propagates NaN, as topk ranks
-        missing = span_max - 1 - (q.shape[1] - len(positions))
+    if best_of > 1:  # -inf for the queries before position 0; max propagates NaN, as topk ranks
+        missing = best_of - 1 - (q.shape[1] - len(positions))
         scores = torch.nn.functional.pad(scores, (0, 0, 0, 0, missing, 0), value=-math.inf)
-        scores = scores.unfold(1, span_max, 1).amax(-1)  # (b, c, h, m)
+        scores = scores.unfold(1, best_of, 1).amax(-1)  # (b, c, h, m)
     candidate = candidate_mask(positions, m, window, block_size)  # (c, m)
     scores = scores.masked_fill(~candidate[:, None], -math.inf)
     index = scores.topk(min(top_k, m), dim=-1).indices  # (b, c, h, k)
@@ -188,17 +188,17 @@ def masks(n: int, block_size: int, top_k: int, kernel: str) -> bool:
 
 class _Choice:
     """What ranks the blocks for the queries of one call: queries (b, t + n, h, D), the ranking
-    queries of the n queries after the t held before them (t = 0 unless span_max > 1), ranking
-    each block by their best score over span_max of them (1: each query's own)."""
+    queries of the n queries after the t held before them (t = 0 unless best_of > 1), ranking
+    each block by their best score over best_of of them (1: each query's own)."""
 
-    def __init__(self, queries: torch.Tensor, before: int, span_max: int):
-        self.queries, self.before, self.span_max = queries, before, span_max
+    def __init__(self, queries: torch.Tensor, before: int, best_of: int):
+        self.queries, self.before, self.best_of = queries, before, best_of
 
     def blocks(self, start, end, means, positions, block_size, top_k, window):
         """select_blocks for the queries start .. end - 1 of the call."""
-        first = max(0, self.before + start - self.span_max + 1)
+        first = max(0, self.before + start - self.best_of + 1)
         queries = self.queries[:, first : self.before + end]
-        return select_blocks(queries, means, positions, block_size, top_k, window, self.span_max)
+        return select_blocks(queries, means, positions, block_size, top_k, window, self.best_of)
 
 
 class _Chunk:

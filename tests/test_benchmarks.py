@@ -218,9 +218,12 @@ def test_lm_loss_benchmark_gets_one_loss_both_ways():
     assert abs(float(losses[0][1]) - math.log(1000)) < 1.0  # near-uniform at initialisation
 
 
-@pytest.mark.parametrize("span, near, ranking_dims", [(1, False, 0), (5, True, 0), (3, False, 16)])
+@pytest.mark.parametrize(
+    "span, near, ranking_dims, span_max",
+    [(1, False, 0, False), (5, True, 0, False), (3, False, 16, False), (5, False, 16, True)],
+)
 def test_passkey_attribution_masses_add_up_to_the_mixed_attention_on_the_keys(
-    span, near, ranking_dims
+    span, near, ranking_dims, span_max
 ):
     """benchmarks/passkey_attribution.py's per-pattern masses (dilated, chosen blocks, pooled
     blocks) sum to what the library's mixed attention puts on the key tokens: the output for
@@ -235,7 +238,7 @@ def test_passkey_attribution_masses_add_up_to_the_mixed_attention_on_the_keys(
     config = LongNetConfig.preset(
         "longnet-tiny", position="rotary", segment_lengths=(16, 32), dilation_rates=(1, 2),
         select_top_k=2, select_block_size=8, select_pooled=True, select_query_span=span,
-        select_within_segment=near, select_ranking_dims=ranking_dims,
+        select_within_segment=near, select_ranking_dims=ranking_dims, select_span_max=span_max,
     )  # fmt: skip
     generator = torch.Generator().manual_seed(0)
     n, heads, dim = 61, config.num_heads, config.head_dim
@@ -248,7 +251,7 @@ def test_passkey_attribution_masses_add_up_to_the_mixed_attention_on_the_keys(
         config.dilation_rates, causal=True, softmax_scale=dim**-0.5,
         select_top_k=config.select_top_k, select_block_size=config.select_block_size,
         select_pooled=True, select_query_span=span, select_within_segment=near,
-        select_ranking_dims=ranking_dims,
+        select_ranking_dims=ranking_dims, select_span_max=span_max,
     )[0, :, :, 0]  # fmt: skip
     for query in (20, 40, 60):
         masses = pattern_masses(q[: query + 1], k[: query + 1], query, keys, config)

@@ -40,7 +40,9 @@ VARIANTS = {"chosen": (False, 1, False, 0, False), "pooled": (True, 1, False, 0,
             "chosen_ranking_dims": (False, 1, False, 2, False),
             "pooled_span3_ranking_dims": (True, 3, False, 2, False),
             "chosen_span3_max": (False, 3, False, 0, True),
-            "pooled_span5_ranking_dims_max": (True, 5, False, 2, True)}  # fmt: skip
+            "pooled_span5_ranking_dims_max": (True, 5, False, 2, True),
+            # a span longer than the queries before the first that chooses
+            "pooled_span13_near_max": (True, 13, True, 0, True)}  # fmt: skip
 
 
 def run(
@@ -260,10 +262,14 @@ def test_cached_decoding_equals_recompute(variant):
     assert torch.equal(cached, model.generate(prompt, 50, top_k=1, use_cache=False))
 
 
-def test_cached_decoding_of_left_padded_prompts_with_a_query_span():
-    """Each row's ranking queries average its own queries only, never its padding's: a batch
-    of left-padded prompts decodes as each prompt alone."""
-    model = tiny_model(select_pooled=True, select_query_span=6, select_within_segment=True)
+@pytest.mark.parametrize("span_max", [False, True])
+def test_cached_decoding_of_left_padded_prompts_with_a_query_span(span_max):
+    """Each row's ranking queries average (or their best score ranks) its own queries only, never
+    its padding's: a batch of left-padded prompts decodes as each prompt alone."""
+    model = tiny_model(
+        select_pooled=True, select_query_span=6, select_within_segment=True,
+        select_span_max=span_max,
+    )  # fmt: skip
     generator = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 264, (n,), generator=generator) for n in (30, 21, 3)]
     batch = torch.zeros(3, 30, dtype=torch.long)  # the last row holds fewer than 5 queries
@@ -322,10 +328,10 @@ def test_span_max_keeps_the_block_an_earlier_query_found():
     q = torch.tensor([[1.5, 0.0], [0.0, 1.0], [0.0, 1.0]])[None, :, None]  # (1, 3, 1, 2)
     positions = torch.tensor([8, 9, 10])  # queries 8 .. 10, both blocks of 4 before them
     mean_first = selection.select_blocks(q.mean(1, keepdim=True), means, positions[2:], 4, 1, 8)
-    best_first = selection.select_blocks(q, means, positions[2:], 4, 1, 8, span_max=3)
-    own_first = selection.select_blocks(q[:, 2:], means, positions[2:], 4, 1, 8, span_max=1)
+    best_first = selection.select_blocks(q, means, positions[2:], 4, 1, 8, best_of=3)
+    own_first = selection.select_blocks(q[:, 2:], means, positions[2:], 4, 1, 8, best_of=1)
     assert mean_first[0].item() == 1 and best_first[0].item() == 0 and own_first[0].item() == 1
-    short = selection.select_blocks(q[:, 1:], means, positions[2:], 4, 1, 8, span_max=2)
+    short = selection.select_blocks(q[:, 1:], means, positions[2:], 4, 1, 8, best_of=2)
     assert short[0].item() == 1  # query 8 is out of a span of 2
     batch, n, heads, kv_heads, dim, lengths, rates, top_k, block = CASES["local_plus_choice"]
     q, k, v = make_qkv(torch.Generator().manual_seed(3), batch, n, heads, kv_heads, dim)
@@ -335,6 +341,17 @@ def test_span_max_keeps_the_block_an_earlier_query_found():
     )  # fmt: skip
     out[:, 40].sum().backward()
     assert q.grad[:, 37:40].abs().sum() == 0 and q.grad[:, 40].abs().sum() > 0
+
+
+def test_span_max_pads_before_the_first_query_with_minus_infinity():
+    """Near position 0 a span holds fewer queries; the missing ones score no block (-inf), so
+    negative scores still rank as they are (zeros would outrank them)."""
+    means = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)[None, :, None]
+    q = torch.tensor([[-3.0, -1.0]] * 3, dtype=torch.float64)[None, :, None]  # (1, 3, 1, 2)
+    index, _ = selection.select_blocks(q, means, torch.tensor([2]), 1, 1, 1, best_of=4)
+    assert index.item() == 1
+    keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]], dtype=torch.float64)[None, :, None]
+    assert selected(q, keys, 1, 1, 1, best_of=4)[0, 0, 2].tolist() == [0.0, 1.0, 0.0]
 
 
 @pytest.mark.parametrize("form", ["masked", "gathered"])

@@ -188,10 +188,11 @@ def exported_selecting(tmp_path, **selection):
     return model, loaded.eval()
 
 
-def test_a_query_span_decodes_without_the_cache_and_refuses_it(tmp_path):
+@pytest.mark.parametrize("span_max", [False, True])
+def test_a_query_span_decodes_without_the_cache_and_refuses_it(tmp_path, span_max):
     """select_query_span ranks by queries a transformers cache does not hold: generate with
     use_cache=False equals LongNetLM's cached decoding, and the cache is refused by name."""
-    model, loaded = exported_selecting(tmp_path, select_query_span=5)
+    model, loaded = exported_selecting(tmp_path, select_query_span=5, select_span_max=span_max)
     tokens = torch.randint(0, 40, (2, 20), generator=torch.Generator().manual_seed(4))
     greedy = dict(max_new_tokens=10, do_sample=False)
     expected = model.generate(tokens, 10, top_k=1)
