@@ -264,7 +264,7 @@ def table(experiment: Experiment, results: dict[str, dict]) -> str:
         if selection.select_top_k:
             patterns += f" + top-{selection.select_top_k} blocks of {selection.select_block_size}"
             if selection.select_query_span > 1:
-                ranked = "the best score" if selection.select_span_max else "the mean"
+                ranked = "the best probability" if selection.select_span_max else "the mean"
                 patterns += f" by {ranked} of {selection.select_query_span} queries"
             if selection.select_within_segment:
                 patterns += ", near blocks too"

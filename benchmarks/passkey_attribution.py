@@ -86,26 +86,27 @@ def digit_accuracy(records: list[dict], context: int) -> list[float]:
 def choice(q, k, query: int, config) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(h, m) scaled scores of position `query`'s ranking query (its own, or its mean with the
     select_query_span - 1 before it unless select_span_max, which ranks the blocks by the best
-    score of those queries; the last select_ranking_dims dims) against the mean key of
-    each of its m candidate blocks (what the content-selected pattern ranks and the pooled one
-    attends), and (h, query + 1) whether it chose each key (None when the pattern is off); q, k
-    as in pattern_masses."""
+    log-probability those queries give them; the last select_ranking_dims dims) against the
+    mean key of each of its m candidate blocks (what the content-selected pattern ranks and the
+    pooled one attends), and (h, query + 1) whether it chose each key (None when the pattern is
+    off); q, k as in pattern_masses."""
     heads, block = q.shape[1], config.select_block_size
     window = selection.candidate_window(config.segment_lengths, block, config.select_within_segment)
     candidates = selection.candidates(query, window, block)
     q, k = (selection.ranking_part(x, config.select_ranking_dims) for x in (q, k))
     means = selection.block_means(k[None, : candidates * block], block)  # (1, m, h, D)
     span = config.select_query_span
-    if config.select_span_max:  # the blocks by the best score of S queries, the pooled by its own
+    if config.select_span_max:  # the blocks by the best of S queries, the pooled by its own
         ranking, rows = q[None, query : query + 1], q[None, max(0, query - span + 1) : query + 1]
     else:
         ranking = selection.ranking_queries(q[None, : query + 1], span)[:, query:]  # (1, 1, h, D)
         rows, span = ranking, 1
-    pooled = torch.einsum("hd,mhd->hm", ranking[0, 0], means[0]) / math.sqrt(config.head_dim)
+    scale = 1 / math.sqrt(config.head_dim)
+    pooled = torch.einsum("hd,mhd->hm", ranking[0, 0], means[0]) * scale
     if not config.select_top_k:
         return pooled, None
     index, _ = selection.select_blocks(
-        rows, means, torch.tensor([query]), block, config.select_top_k, window, span
+        rows, means, torch.tensor([query]), block, config.select_top_k, window, span, scale
     )
     best = index[0, 0]  # (h, top_k): every candidate is a real choice here
     chosen = torch.zeros(heads, query + 1, dtype=torch.bool)
@@ -167,7 +168,7 @@ def masses(
     sums = {True: 0.0, False: 0.0}
     counts = {True: 0, False: 0}
     ranked = config
-    if rank_span is not None:  # a span of 1 has no best score to take
+    if rank_span is not None:  # a span of 1 has no best to take
         span_max = config.select_span_max and rank_span > 1
         ranked = dataclasses.replace(config, select_query_span=rank_span, select_span_max=span_max)
     recall = Recall(ranked) if config.select_top_k else None
@@ -291,7 +292,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--rank-span",
         type=int,
-        help="measure the choice ranked by this many queries (their mean; their best score for a "
+        help="measure the choice ranked by this many queries (their mean; their best "
+        "log-probability for a "
         "model with select_span_max)",
     )
     args = parser.parse_args(argv)

@@ -187,7 +187,7 @@ def _attention_op(
     """(out (b, L, h, d), lse (b, L, h), received (2, b, N_recv, d): the exchanged K and V,
     keys_before (2, b, (rank + 1) * L, g, d): the K and V the selected pattern chose from,
     queries_before (b, min(span - 1, rank * L), h, d): the queries its ranking averages, or
-    whose best score ranks with select_span_max)."""
+    whose best log-probabilities rank with select_span_max)."""
     group = _resolve_process_group(group_name)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     # Checked here too (once per layout), since a compiled caller skips the wrapper's check.
@@ -468,7 +468,8 @@ def sequence_parallel_dilated_attention(
     kernels for the same cores (measured at P = 2 on 2 cores: efficiency 0.942-0.973 with it,
     0.986 without).
     select_top_k > 0 adds the content-selected pattern, select_pooled the pooled one, ranked by
-    select_query_span queries (by their last select_ranking_dims dims; by their best score with
+    select_query_span queries (by their last select_ranking_dims dims; by their best
+    log-probability with
     select_span_max), near blocks too with select_within_segment, as in dilated_attention.
     documents (longnet.varlen.Documents, each its own sequence) lie in the global rows
     (b, P * L): from cu_seqlens over the b * P * L tokens or a (b, P * L) padding mask, the same

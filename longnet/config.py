@@ -58,10 +58,11 @@ class BlockConfig:
     select_pooled: bool = False
     # select_query_span > 1 ranks the blocks (and scores the pooled keys) by the mean of each
     # query and the select_query_span - 1 before it, so that the queries of one answer choose
-    # alike. 1: each query by its own. select_span_max ranks each block by the best score of
-    # those queries instead of their mean query (the pooled keys scored by each query's own): a
-    # block that one query found stays a candidate for the next select_query_span - 1 queries,
-    # the answer's later digits (docs/long-context.md).
+    # alike. 1: each query by its own. select_span_max ranks each block by the best
+    # log-probability those queries give it (the pooled pattern's softmax over a query's
+    # candidates) instead of their mean query (the pooled keys scored by each query's own): a
+    # block that one query is sure of stays a candidate for the next select_query_span - 1
+    # queries, the answer's later digits (docs/long-context.md).
     select_query_span: int = 1
     select_span_max: bool = False
     # select_within_segment lets the blocks of a query's own segment of the first pattern be

@@ -133,7 +133,7 @@ def check_selection(
         )
     if flag("select_span_max", select_span_max) and select_query_span == 1:
         raise ValueError(
-            "select_span_max=True (rank each block by its best score over select_query_span "
+            "select_span_max=True (rank each block by its best probability over select_query_span "
             "queries) needs select_query_span > 1, got select_query_span=1"
         )
 
@@ -330,8 +330,9 @@ def dilated_attention(
     complete block before its own block), so near and far keys are reached alike.
     select_ranking_dims D > 0 ranks them (and scores the pooled keys) by the last D dims of each
     head of q and k only: dims a model leaves without positional encoding, a choice by content.
-    select_span_max ranks each block by the best score of the select_query_span queries instead
-    of their mean query (the pooled keys scored by each query's own): a block one of them found
+    select_span_max ranks each block by the best log-probability the select_query_span queries
+    give it (log_softmax of the scaled scores over each one's candidate blocks) instead of their
+    mean query (the pooled keys scored by each query's own): a block one of them found
     stays a candidate for the next ones (the later digits of an answer).
 
     Documents (longnet/varlen.py): each is its own sequence (segments start at its first token,

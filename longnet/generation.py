@@ -40,7 +40,7 @@ class LayerCache:
         self.starts: list[int] | None = None
         # The last queries (b, t, h, d) before the next token's (select_query_span > 1: the
         # content-selected blocks are ranked by a query's mean with those before it, or by
-        # their best score).
+        # their best log-probability).
         self.queries: torch.Tensor | None = None
 
     @classmethod
@@ -128,7 +128,7 @@ def decode_attention(
     with the content-selected pattern when select_top_k > 0 (the cache then holds every key), and
     the pooled one beside it when select_pooled, ranked by the last select_ranking_dims dims (all
     for 0); with select_query_span > 1 the cache also holds the queries before q
-    (LayerCache.keep_queries), whose mean ranks the blocks, or their best score with
+    (LayerCache.keep_queries), whose mean ranks the blocks, or their best log-probability with
     select_span_max.
     A row whose tokens start later (cache.starts: left padding) is its own sequence from there:
     rows are decoded in groups of equal start."""

@@ -36,31 +36,56 @@ def multiplicity(
     return counts
 
 
-def selected(q, k, block_size: int, top_k: int, window: int, best_of: int = 1) -> torch.Tensor:
+def selected(
+    q, k, block_size: int, top_k: int, window: int, best_of: int = 1, scale: float = 1.0
+) -> torch.Tensor:
     """(b, h, seq, seq) 1 where the content-selected pattern lets query i see key j: j lies in one
     of the top_k complete blocks that end by the start of i's segment of `window` tokens (the
     first pattern's), ranked by q_i . mean(k of the block), or with best_of > 1 by the largest
-    q_s . mean(k of the block) over s = i - best_of + 1 .. i (s >= 0); float64 q (b, n, h, d)
-    (the ranking queries) and k (b, n, h, d) (kv heads already repeated)."""
+    log-probability log_softmax(scale * q_s . mean(k of each candidate block of s)) over
+    s = i - best_of + 1 .. i (s >= 0); float64 q (b, n, h, d) (the ranking queries) and k
+    (b, n, h, d) (kv heads already repeated)."""
     q, k = q.detach(), k.detach()  # the choice is piecewise constant: no gradient through it
     batch, seq_len, heads, _ = q.shape
     counts = torch.zeros(batch, heads, seq_len, seq_len, dtype=torch.float64)
     for b in range(batch):
         for head in range(heads):
+            means = [
+                k[b, j * block_size : (j + 1) * block_size, head].mean(0)
+                for j in range(seq_len // block_size)
+            ]
+            candidate_scores = [  # each query's scores of its candidate blocks
+                [float(q[b, s, head] @ means[j]) for j in range((s - s % window) // block_size)]
+                for s in range(seq_len)
+            ]
             for i in range(seq_len):
                 earlier = (i - i % window) // block_size  # blocks 0 .. earlier - 1
-                queries = q[b, max(0, i - best_of + 1) : i + 1, head]  # (s, d)
-                scores = [
-                    queries @ k[b, j * block_size : (j + 1) * block_size, head].mean(0)
-                    for j in range(earlier)
-                ]
+                scores = candidate_scores[i]
+                if best_of > 1:
+                    span = candidate_scores[max(0, i - best_of + 1) : i + 1]
+                    scores = best_log_probabilities(span, scale)
                 # NaN (a NaN key or query) ranks above every number, as in torch.topk.
-                scores = [math.nan if s.isnan().any() else float(s.max()) for s in scores]
                 rank = [(not math.isnan(s), -s) for s in scores]
                 best = sorted(range(earlier), key=lambda j: rank[j])[:top_k]
                 for j in best:
                     counts[b, head, i, j * block_size : (j + 1) * block_size] = 1
     return counts
+
+
+def best_log_probabilities(span_scores: list[list[float]], scale: float) -> list[float]:
+    """For the blocks of the last query's candidates, the largest log-probability any query of
+    the span gives them: span_scores holds each query's scores of its own candidate blocks
+    (a prefix of the last one's), the log-probabilities log_softmax(scale * scores) over the
+    non-NaN scores; a NaN score of a block makes its best NaN."""
+    best = [-math.inf] * len(span_scores[-1])
+    for scores in span_scores:
+        scaled = [scale * s for s in scores]
+        numbers = [s for s in scaled if not math.isnan(s)]
+        top = max(numbers, default=-math.inf)
+        lse = top + math.log(sum(math.exp(s - top) for s in numbers)) if numbers else 0.0
+        for j, s in enumerate(scaled):
+            best[j] = math.nan if math.isnan(s) or math.isnan(best[j]) else max(best[j], s - lse)
+    return best
 
 
 def dense_dilated_attention(
@@ -85,7 +110,8 @@ def dense_dilated_attention(
     the content-selected pattern (causal only) as one more pattern, select_pooled the pooled one:
     one more key per candidate block, the block's mean key with its mean value; both rank (score)
     by the mean of each query and the select_query_span - 1 queries before it, or with
-    select_span_max the blocks by the best score of those queries and the pooled keys by each
+    select_span_max the blocks by the best log-probability (log_softmax of the scaled scores over
+    a query's candidate blocks) those queries give them and the pooled keys by each
     query alone; their candidates end by the start of the query's segment of the first pattern,
     or of its own block with select_within_segment; with select_ranking_dims D > 0 both use the
     last D dims of q and k only."""
@@ -108,7 +134,9 @@ def dense_dilated_attention(
         ranking_keys = k[..., first:]
         window = select_block_size if select_within_segment else segment_lengths[0]
         best_of = select_query_span if select_span_max else 1
-        chosen = selected(ranking, ranking_keys, select_block_size, select_top_k, window, best_of)
+        chosen = selected(
+            ranking, ranking_keys, select_block_size, select_top_k, window, best_of, scale
+        )
         counts = counts + chosen.to(q.device)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale + counts.log()  # counts: (h|b h, q, k)
     if select_pooled:  # the block means as m more keys and values

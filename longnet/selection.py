@@ -15,10 +15,12 @@ attention on the chosen blocks only (almost everywhere: not at exact ties of two
 With query_span S > 1 a query ranks the blocks by the mean of its own and the S - 1 queries
 before it (ranking_queries) instead of its own alone, so that neighbouring queries (the digits
 of one answer) choose alike; the pooled pattern scores with that mean too, so its gradient
-reaches all S queries. With span_max, a query ranks each block by the best score any of those S
-queries gives it instead (q_s . mean(k of the block), s = p - S + 1 .. p): a block that one of
-them scores high stays a candidate for the next S - 1 queries, so the answer's later digits can
-read the block its first query found; the pooled pattern then scores with each query's own q.
+reaches all S queries. With span_max, a query ranks each block by the best log-probability
+any of those S queries gives it instead (log softmax over each query's candidate blocks of
+scale * q_s . mean(k of the block), s = p - S + 1 .. p: the pooled pattern's weights, so a
+query's norm does not decide its neighbours' choice): a block that one of them is confident
+of stays a candidate for the next S - 1 queries, so the answer's later digits can read the
+block its first query found; the pooled pattern then scores with each query's own q.
 
 With ranking_dims D > 0 only the last D dims of each head of q and k rank the blocks (and score
 the pooled keys): dims a model leaves without positional encoding, so that the choice follows
@@ -141,25 +143,44 @@ def select_blocks(
     top_k: int,
     window: int,
     best_of: int = 1,
+    scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The blocks each query reads: index (b, c, h, k) into the m blocks, and whether each slot is
     a real choice (b, c, h, k) (False where fewer than k blocks lie before the query's block).
 
-    q (b, e + c, h, d): the ranking queries of the c token positions (c,), after the e <=
-    best_of - 1 queries before them (all there are); means (b, m, g, d) from block_means. A
-    query ranks a block by the best score of its own and the best_of - 1 queries before it.
+    q (b, e + c, h, d): the ranking queries of the c token positions (c,) (consecutive), after
+    the e <= best_of - 1 queries before them (all there are); means (b, m, g, d) from
+    block_means. A query ranks a block by its score q . mean; with best_of > 1 by the best
+    log-probability that its own and the best_of - 1 queries before it give the block (log
+    softmax of scale * q . mean over each query's own candidates).
     """
     heads, kv_heads, m = q.shape[2], means.shape[2], means.shape[1]
     means = means.repeat_interleave(heads // kv_heads, dim=2)  # (b, m, h, d)
     scores = torch.einsum("bchd,bmhd->bchm", q.to(means.dtype), means)  # (b, e + c, h, m)
-    if best_of > 1:  # -inf for the queries before position 0; max propagates NaN, as topk ranks
-        missing = best_of - 1 - (q.shape[1] - len(positions))
-        scores = torch.nn.functional.pad(scores, (0, 0, 0, 0, missing, 0), value=-math.inf)
-        scores = scores.unfold(1, best_of, 1).amax(-1)  # (b, c, h, m)
+    if best_of > 1:
+        scores = _best_log_probability(scores, positions, window, block_size, best_of, scale)
     candidate = candidate_mask(positions, m, window, block_size)  # (c, m)
     scores = scores.masked_fill(~candidate[:, None], -math.inf)
     index = scores.topk(min(top_k, m), dim=-1).indices  # (b, c, h, k)
     return index, index < candidates(positions, window, block_size)[:, None, None]
+
+
+def _best_log_probability(scores, positions, window, block_size, best_of, scale):
+    """(b, c, h, m) the best over best_of queries of each block's log-probability, from the
+    scores (b, e + c, h, m) of the c queries at positions (c,) and the e before them."""
+    before = scores.shape[1] - len(positions)
+    earlier = positions[0] - torch.arange(before, 0, -1, device=positions.device)
+    held = torch.cat([earlier, positions])  # (e + c,)
+    candidate = candidate_mask(held, scores.shape[-1], window, block_size)  # (e + c, m)
+    scores = scores.masked_fill(~candidate[:, None], -math.inf) * scale
+    # A NaN score (a NaN key or query) stays NaN and is left out of its query's normaliser.
+    numbers = scores.masked_fill(scores.isnan(), -math.inf)
+    lse = torch.logsumexp(numbers, dim=-1, keepdim=True)  # (b, e + c, h, 1); -inf: no candidate
+    scores = scores - lse.masked_fill(lse == -math.inf, 0.0)
+    # -inf for the queries before position 0; max propagates NaN, which topk ranks first
+    missing = best_of - 1 - before
+    scores = torch.nn.functional.pad(scores, (0, 0, 0, 0, missing, 0), value=-math.inf)
+    return scores.unfold(1, best_of, 1).amax(-1)  # (b, c, h, m)
 
 
 def _flat_index(index: torch.Tensor, kv_heads: int, m: int) -> torch.Tensor:
@@ -189,16 +210,19 @@ def masks(n: int, block_size: int, top_k: int, kernel: str) -> bool:
 class _Choice:
     """What ranks the blocks for the queries of one call: queries (b, t + n, h, D), the ranking
     queries of the n queries after the t held before them (t = 0 unless best_of > 1), ranking
-    each block by their best score over best_of of them (1: each query's own)."""
+    each block by its best log-probability over best_of of them at `scale` (1: each query's own
+    score)."""
 
-    def __init__(self, queries: torch.Tensor, before: int, best_of: int):
-        self.queries, self.before, self.best_of = queries, before, best_of
+    def __init__(self, queries: torch.Tensor, before: int, best_of: int, scale: float):
+        self.queries, self.before, self.best_of, self.scale = queries, before, best_of, scale
 
     def blocks(self, start, end, means, positions, block_size, top_k, window):
         """select_blocks for the queries start .. end - 1 of the call."""
         first = max(0, self.before + start - self.best_of + 1)
         queries = self.queries[:, first : self.before + end]
-        return select_blocks(queries, means, positions, block_size, top_k, window, self.best_of)
+        return select_blocks(
+            queries, means, positions, block_size, top_k, window, self.best_of, self.scale
+        )
 
 
 class _Chunk:
@@ -266,10 +290,10 @@ def forward(
     the shard's queries against the keys up to its end). kernel: longnet.kernels' name of the
     fused kernel for the masked form. pooled: mixed with the pooled pattern (pooled_forward).
     query_span, queries_before, ranking_dims, span_max: how the blocks are ranked (by the mean
-    of query_span queries, ranking_queries, or by their best score with span_max; by
+    of query_span queries, ranking_queries, or by their best log-probability with span_max; by
     ranking_part of q and k)."""
     ranking, ranking_keys, choice = _ranking(
-        q, k, query_span, queries_before, query_offset, ranking_dims, span_max
+        q, k, query_span, queries_before, query_offset, ranking_dims, span_max, scale
     )
     means = block_means(ranking_keys, block_size)
     chosen = _chosen_forward(
@@ -281,17 +305,17 @@ def forward(
     return mix(*chosen, *pooled_part)
 
 
-def _ranking(q, k, query_span, queries_before, query_offset, ranking_dims, span_max):
+def _ranking(q, k, query_span, queries_before, query_offset, ranking_dims, span_max, scale):
     """(ranking queries (b, n, h, D), ranking keys (b, s, g, D), the _Choice of the blocks):
     what scores the pooled keys and what ranks the blocks."""
     before = None if queries_before is None else ranking_part(queries_before, ranking_dims)
     own, keys = ranking_part(q, ranking_dims), ranking_part(k, ranking_dims)
     if not span_max:
         ranking = ranking_queries(own, query_span, before, query_offset)
-        return ranking, keys, _Choice(ranking, 0, 1)
+        return ranking, keys, _Choice(ranking, 0, 1, scale)
     check_queries_before(before, query_span, query_offset)
     held = own if before is None else torch.cat([before.to(own.dtype), own], dim=1)
-    return own, keys, _Choice(held, held.shape[1] - own.shape[1], query_span)
+    return own, keys, _Choice(held, held.shape[1] - own.shape[1], query_span, scale)
 
 
 def _chosen_forward(q, choice, k, v, means, block_size, top_k, window, scale, kernel, query_offset):
@@ -360,7 +384,7 @@ def backward(
     queries_before (the pooled pattern's, through the mean ranking queries; zeros without it,
     and with span_max, whose ranking passes no gradient)."""
     ranking, ranking_keys, choice = _ranking(
-        q, k, query_span, queries_before, query_offset, ranking_dims, span_max
+        q, k, query_span, queries_before, query_offset, ranking_dims, span_max, scale
     )
     before_len = 0 if queries_before is None else queries_before.shape[1]
     means = block_means(ranking_keys, block_size)

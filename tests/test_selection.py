@@ -264,7 +264,7 @@ def test_cached_decoding_equals_recompute(variant):
 
 @pytest.mark.parametrize("span_max", [False, True])
 def test_cached_decoding_of_left_padded_prompts_with_a_query_span(span_max):
-    """Each row's ranking queries average (or their best score ranks) its own queries only, never
+    """Each row's ranking queries average (or rank by their best) its own queries only, never
     its padding's: a batch of left-padded prompts decodes as each prompt alone."""
     model = tiny_model(
         select_pooled=True, select_query_span=6, select_within_segment=True,
@@ -322,8 +322,8 @@ def test_the_query_span_changes_the_choice_and_trains_earlier_queries():
 
 def test_span_max_keeps_the_block_an_earlier_query_found():
     """With select_span_max a query reads the block that one of the span - 1 queries before it
-    scores highest, though its own query (and the mean of the span) ranks another first; the
-    choice passes no gradient to those earlier queries."""
+    gives the highest probability, though its own query (and the mean of the span) ranks
+    another first; the choice passes no gradient to those earlier queries."""
     means = torch.tensor([[1.0, 0.0], [0.0, 1.0]])[None, :, None]  # (1, m=2, g=1, d=2)
     q = torch.tensor([[1.5, 0.0], [0.0, 1.0], [0.0, 1.0]])[None, :, None]  # (1, 3, 1, 2)
     positions = torch.tensor([8, 9, 10])  # queries 8 .. 10, both blocks of 4 before them
@@ -344,14 +344,16 @@ def test_span_max_keeps_the_block_an_earlier_query_found():
 
 
 def test_span_max_pads_before_the_first_query_with_minus_infinity():
-    """Near position 0 a span holds fewer queries; the missing ones score no block (-inf), so
-    negative scores still rank as they are (zeros would outrank them)."""
+    """Near position 0 a span holds fewer queries, and queries before the first that chooses
+    give no block a probability: they rank nothing (-inf). A zero there would tie every block
+    at the best log-probability, 0."""
     means = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)[None, :, None]
     q = torch.tensor([[-3.0, -1.0]] * 3, dtype=torch.float64)[None, :, None]  # (1, 3, 1, 2)
-    index, _ = selection.select_blocks(q, means, torch.tensor([2]), 1, 1, 1, best_of=4)
+    # window 2: query 2 chooses from blocks 0 and 1, queries 0 and 1 from none
+    index, _ = selection.select_blocks(q, means, torch.tensor([2]), 1, 1, 2, best_of=4)
     assert index.item() == 1
     keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]], dtype=torch.float64)[None, :, None]
-    assert selected(q, keys, 1, 1, 1, best_of=4)[0, 0, 2].tolist() == [0.0, 1.0, 0.0]
+    assert selected(q, keys, 1, 1, 2, best_of=4)[0, 0, 2].tolist() == [0.0, 1.0, 0.0]
 
 
 @pytest.mark.parametrize("form", ["masked", "gathered"])
@@ -458,7 +460,7 @@ def run_sequence_parallel(
         "span_longer_than_a_shard",  # 12 queries before: two shards of 8 at size 4
         "near_blocks",  # the blocks of a segment that spans ranks
         "ranking_dims",  # the queries before a shard's and their gradients, in 3 of 8 dims
-        "span_max",  # the best score of 11 queries, those before a shard's from two ranks
+        "span_max",  # the best of 11 queries, those before a shard's from two ranks
     ],
 )  # fmt: skip
 def test_sequence_parallel_equals_one_device(
