@@ -106,7 +106,6 @@ EXPERIMENTS = {
             "select-pooled-k32-content-decay-h8-long-seed1",
             "select-pooled-k32-content-decay-h8-long-seed2",
             "select-pooled-k32-content-decay-h8-long-spanmax5",
-            "select-pooled-k32-content-decay-h8-long-spanmax5-seed1",
         ),
         contexts=(256, 512, 1024, 2048),
         record="far-retrieval.json",
