@@ -31,17 +31,10 @@ CASES = {
         select_within_segment=True,
         select_ranking_dims=4,  # of 8: the queries before a shard are sliced after the gather
     ),
-    "content_selected_by_the_best_of_a_span": dict(
-        segment_lengths=(8, 16),
-        dilation_rates=(1, 2),
-        select_top_k=2,
-        select_block_size=4,
-        select_pooled=True,
-        select_query_span=6,
-        select_ranking_dims=4,
-        select_span_max=True,
-    ),
 }
+CASES["content_selected_by_the_best_of_a_span"] = CASES["content_selected_and_pooled"] | dict(
+    select_within_segment=False, select_span_max=True
+)
 
 
 @pytest.mark.parametrize("case", list(CASES))
